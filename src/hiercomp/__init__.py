@@ -1,0 +1,3 @@
+"""hiercomp: compress transformer models at every level of their hierarchy, and measure the cost."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""Compressed layers: modules that keep the packed form and compute from it."""
+
+from hiercomp.layers.base import LAYER_TYPES, CompressedLinear, build_layer
+from hiercomp.layers.quantized import QuantizedLinear
+from hiercomp.layers.sparse import SparseLinear
+
+__all__ = ["LAYER_TYPES", "CompressedLinear", "QuantizedLinear", "SparseLinear", "build_layer"]

@@ -1,0 +1,64 @@
+"""Bit packing: integer codes of any width 1..8 into a dense little bitstream of bytes.
+
+Codes are packed across the whole tensor (no per-row padding), so a tensor of N codes at b bits takes
+exactly ceil(N*b/8) bytes: the storage accounting can count bits and the file holds exactly that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = {}
+
+
+def _powers(bits: int, device: torch.device) -> torch.Tensor:
+    key = (bits, device)
+    if key not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[key] = (2 ** torch.arange(bits, device=device, dtype=torch.int32)).to(torch.int32)
+    return _BIT_WEIGHTS[key]
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes needed to hold ``count`` codes of ``bits`` bits each."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer ``codes`` (< 2**bits) into a flat uint8 tensor."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int32)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    if bits == 8:
+        return flat.to(torch.uint8).clone()
+    if 8 % bits == 0:
+        # Fast path (1, 2, 4 bits): several whole codes per byte.
+        per_byte = 8 // bits
+        pad = (-flat.numel()) % per_byte
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        groups = flat.view(-1, per_byte)
+        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+        return (groups << shifts).sum(dim=1).to(torch.uint8)
+    # General path (3, 5, 6, 7 bits): expand to single bits, regroup by 8.
+    bit_matrix = ((flat.unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1).reshape(-1)
+    pad = (-bit_matrix.numel()) % 8
+    if pad:
+        bit_matrix = torch.cat([bit_matrix, bit_matrix.new_zeros(pad)])
+    return (bit_matrix.view(-1, 8) << torch.arange(8, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes, as int32."""
+    data = packed.reshape(-1).to(torch.int32)
+    if bits == 8:
+        return data[:count]
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.int32, device=data.device) * bits
+        codes = (data.unsqueeze(1) >> shifts) & (2**bits - 1)
+        return codes.reshape(-1)[:count]
+    bit_stream = ((data.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=data.device)) & 1).reshape(-1)
+    bit_stream = bit_stream[: count * bits].view(count, bits)
+    return (bit_stream * _powers(bits, data.device)).sum(dim=1, dtype=torch.int32)

@@ -1,0 +1,74 @@
+"""Weight-only integer quantization: packed b-bit codes, float16 scales, packed b-bit zero points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hiercomp.layers.base import CompressedLinear, register_layer
+from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
+from hiercomp.quant.grid import SCALE_DTYPE, QuantGrid, dequantize_weight
+
+
+@register_layer
+class QuantizedLinear(CompressedLinear):
+    kind = "quantized"
+
+    def __init__(
+        self,
+        grid: QuantGrid,
+        codes: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        zero: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        origin: str = "linear",
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        out_features, in_features = codes.shape if codes is not None else shape
+        super().__init__(in_features, out_features, bias, origin)
+        self.grid = grid
+        groups = grid.num_groups(in_features)
+        if codes is None:  # empty layer, to be filled by load_state_dict
+            self.register_buffer("qweight", torch.empty(packed_nbytes(out_features * in_features, grid.bits),
+                                                        dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=SCALE_DTYPE))
+            if not grid.symmetric:
+                self.register_buffer("qzeros", torch.empty(packed_nbytes(out_features * groups, grid.bits),
+                                                           dtype=torch.uint8))
+            return
+        self.register_buffer("qweight", pack_bits(codes, grid.bits))
+        self.register_buffer("scales", scale.to(SCALE_DTYPE).reshape(out_features, groups))
+        if not grid.symmetric:
+            self.register_buffer("qzeros", pack_bits(zero.reshape(-1), grid.bits))
+
+    def codes(self) -> torch.Tensor:
+        return unpack_bits(self.qweight, self.grid.bits, self.out_features * self.in_features).view(
+            self.out_features, self.in_features
+        )
+
+    def zeros(self) -> torch.Tensor:
+        groups = self.grid.num_groups(self.in_features)
+        if self.grid.symmetric:
+            return torch.full((self.out_features, groups), float((self.grid.maxq + 1) // 2))
+        return unpack_bits(self.qzeros, self.grid.bits, self.out_features * groups).view(self.out_features, groups)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.grid, self.scales, self.zeros())
+
+    def weight_storage_bits(self) -> dict[str, int]:
+        groups = self.out_features * self.grid.num_groups(self.in_features)
+        bits = {"codes": self.out_features * self.in_features * self.grid.bits, "scales": groups * 16}
+        if not self.grid.symmetric:
+            bits["zeros"] = groups * self.grid.bits
+        return bits
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": self.grid.symmetric}
+
+    @classmethod
+    def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> QuantizedLinear:
+        grid = QuantGrid(config["bits"], config["group_size"], config["symmetric"])
+        bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
+        return cls(grid, None, None, None, bias, config["origin"],
+                   shape=(config["out_features"], config["in_features"]))

@@ -1,0 +1,11 @@
+"""Compression methods, one file each, registered by their CLI name."""
+
+from hiercomp.methods import magnitude, rtn, wanda  # noqa: F401  (registration)
+from hiercomp.methods.base import METHODS, LayerStats, Method, make_method
+
+try:  # methods that arrive in their own files register themselves on import
+    from hiercomp.methods import gptq, sparsegpt  # noqa: F401
+except ImportError:  # pragma: no cover - only while a method file is being written
+    pass
+
+__all__ = ["METHODS", "LayerStats", "Method", "make_method"]

@@ -1,0 +1,92 @@
+"""The method protocol: a frozen dataclass of parameters with one ``compress`` call.
+
+A method takes one linear layer's weight (out, in) in float32, its bias and the statistics of its
+calibration inputs, and returns a :class:`~hiercomp.layers.CompressedLinear`. It declares which
+statistics it needs so that the engine gathers only those (a Hessian is in x in floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from hiercomp.errors import HiercompError
+from hiercomp.layers import CompressedLinear
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class LayerStats:
+    """Statistics of a linear layer's inputs X (tokens x in) over the calibration set.
+
+    ``hessian`` is the mean of x xᵀ over tokens (XᵀX / T), so tr(ΔW H ΔWᵀ) is the mean squared output
+    error per token; ``channel_sq_mean`` is its diagonal, E[x_j²], kept separately because it is cheap.
+    """
+
+    channel_sq_mean: torch.Tensor
+    n_tokens: int
+    hessian: torch.Tensor | None = None
+
+    def require_hessian(self, method: str, layer: str) -> torch.Tensor:
+        if self.hessian is None:
+            raise HiercompError(f"{method} needs calibration data for layer {layer}: pass --calib FILE")
+        return self.hessian
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method. Subclasses are frozen dataclasses whose fields are the parameters."""
+
+    name: ClassVar[str] = ""
+    needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+
+    def compress(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, layer: str, origin: str
+    ) -> CompressedLinear:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def describe(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({inner})"
+
+
+def make_method(name: str, **params: Any) -> Method:
+    """Build a method from its CLI/recipe name and parameters, with one-line errors for bad input."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise HiercompError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(params) - known
+    if unknown:
+        raise HiercompError(
+            f"method {name!r} has no parameter(s) {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise HiercompError(f"method {name!r}: {err}") from None
+
+
+def parse_nm(pattern: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep 2 of every 4 consecutive weights in a row."""
+    if pattern is None:
+        return None
+    try:
+        n, m = (int(p) for p in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+    return n, m
