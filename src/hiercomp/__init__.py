@@ -1,3 +1,33 @@
-"""hiercomp: compress transformer models at every level of their hierarchy, and measure the cost."""
+"""hiercomp: compress transformer models at every level of their hierarchy, and measure the cost.
+
+    import hiercomp
+    cm = hiercomp.compress("path/to/model", hiercomp.Recipe.single("gptq", bits=4, group_size=128),
+                           hiercomp.CalibrationConfig("calib.txt", num_sequences=128, seq_len=512))
+    cm.save("out/model-gptq4")
+    again = hiercomp.load("out/model-gptq4")
+    print(hiercomp.evaluate("out/model-gptq4", text="held_out.txt", reference="path/to/model"))
+"""
+
+from hiercomp.api import CompressedModel, compress, export_dense, load
+from hiercomp.errors import HiercompError
+from hiercomp.recipe import Recipe, Rule
 
 __version__ = "0.1.0"
+
+
+def evaluate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - thin re-export, see hiercomp.evaluate.evaluate
+    """See :func:`hiercomp.evaluate.evaluate`."""
+    from hiercomp.evaluate import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name == "CalibrationConfig":
+        from hiercomp.calibration import CalibrationConfig
+
+        return CalibrationConfig
+    raise AttributeError(name)
+
+
+__all__ = ["CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense", "load"]

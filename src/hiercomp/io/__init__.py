@@ -1,0 +1,1 @@
+"""Reading models in, writing compressed models out (atomically), and exporting them."""

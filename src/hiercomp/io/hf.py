@@ -1,0 +1,114 @@
+"""Load a Hugging Face model folder (or a hub id, when online) with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hiercomp.errors import HiercompError
+from hiercomp.hierarchy import TESTED_MODEL_TYPES
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    is_encoder: bool
+    source: str
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    return (Path(path) / "hiercomp.json").is_file()
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def load_config(ref: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HiercompError(f"{ref} is a file; pass the model's folder (the one holding config.json)")
+        if not (path / "config.json").is_file():
+            raise HiercompError(f"{ref} has no config.json; pass a Hugging Face model folder (config.json + weights)")
+        try:
+            json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HiercompError(f"{path / 'config.json'} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
+                                "restore the model folder") from None
+    elif not _looks_like_hub_id(ref):
+        raise HiercompError(f"model folder {ref} does not exist; pass a local folder or a hub id like 'org/name'")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else ref, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        msg = str(err).splitlines()[0]
+        if "trust_remote_code" in msg:
+            raise HiercompError(f"{ref} needs custom code; rerun with --trust-remote-code if you trust it") from None
+        raise HiercompError(
+            f"{ref}: unsupported architecture ({msg}); supported families: {', '.join(TESTED_MODEL_TYPES)}"
+        ) from None
+    except OSError as err:
+        raise HiercompError(f"cannot load {ref}: {str(err).splitlines()[0]} (offline? use a local folder)") from None
+
+
+ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "mpnet")
+
+
+def is_encoder_config(config: Any) -> bool:
+    """Encoder (embedding model) or causal LM: by the saved architecture name, else by the model type."""
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.model_type in ENCODER_ONLY_TYPES
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise HiercompError(f"{source}: weight {name} contains NaN or Inf; the model file is damaged — "
+                                "re-download or re-export it")
+
+
+def load_hf_model(ref: str | os.PathLike, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM or an encoder with its tokenizer. Weights stay in the dtype they were saved in."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    ref = str(ref)
+    config = load_config(ref, trust_remote_code)
+    path = Path(ref).expanduser()
+    if path.exists() and not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise HiercompError(f"{ref} has a config but no weights (model.safetensors or pytorch_model.bin)")
+    encoder = is_encoder_config(config)
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = auto.from_pretrained(str(path) if path.exists() else ref, **kwargs)
+    except ValueError as err:
+        raise HiercompError(f"{ref}: unsupported architecture ({str(err).splitlines()[0]}); supported families: "
+                            f"{', '.join(TESTED_MODEL_TYPES)}") from None
+    except Exception as err:  # corrupt or truncated weight files surface as many exception types
+        raise HiercompError(f"cannot read the weights in {ref} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); the files are damaged — "
+                            "re-download them") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else ref,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise HiercompError(f"cannot load the tokenizer of {ref}: {str(err).splitlines()[0]}") from None
+    check_finite(model, ref)
+    model.eval()
+    return LoadedModel(model, tokenizer, encoder, ref)
