@@ -171,6 +171,7 @@ class _StatsCollector:
         return hook
 
     def stats(self, name: str) -> LayerStats:
+        """The statistics gathered at layer ``name`` (a group leader: its group reads the same input)."""
         n = max(self.counts[name], 1)
         hessian = self.sums[name] / n if name in self.sums else None
         stats = LayerStats(channel_sq_mean=self.sq[name] / n, n_tokens=self.counts[name], hessian=hessian)
@@ -294,25 +295,31 @@ def compress_model(
                 report.layers.append(rep)
         elif targets:
             modules = {lin.position: block.get_submodule(lin.position) for lin in targets}
-            stages = _stages(block, modules, batches[0]) if sequential else [list(modules)]
+            # Layers reading the same tensor (q/k/v; gate/up) share one set of statistics.
+            groups = _stages(block, modules, batches[0])
+            passes = groups if sequential else [[p for g in groups for p in g]]
             by_position = {lin.position: lin for lin in targets}
-            for stage in stages:
-                stage_modules = {p: block.get_submodule(p) for p in stage}
-                want_h = {p: measure_error or plan[by_position[p].name].needs_hessian for p in stage}
-                with _StatsCollector(stage_modules, want_h) as collector, torch.inference_mode():
+            for pass_positions in passes:
+                leaders = {g[0]: g for g in groups if g[0] in pass_positions}
+                leader_modules = {p: block.get_submodule(p) for p in leaders}
+                want_h = {p: measure_error or any(plan[by_position[q].name].needs_hessian for q in members)
+                          for p, members in leaders.items()}
+                with _StatsCollector(leader_modules, want_h) as collector, torch.inference_mode():
                     for batch in batches:
                         collector.seen.clear()
                         try:
                             _run_block(block, batch)
                         except _StopForward:
                             pass
-                for position in stage:
-                    lin = by_position[position]
-                    bar.set_postfix_str(position)
-                    compressed, rep = _compress_one(lin.name, stage_modules[position], plan[lin.name],
-                                                    collector.stats(position), lin.origin)
-                    set_module(block, position, compressed)
-                    report.layers.append(rep)
+                for leader, members in leaders.items():
+                    stats = collector.stats(leader)
+                    for position in members:
+                        lin = by_position[position]
+                        bar.set_postfix_str(position)
+                        compressed, rep = _compress_one(lin.name, block.get_submodule(position), plan[lin.name],
+                                                        stats, lin.origin)
+                        set_module(block, position, compressed)
+                        report.layers.append(rep)
                 del collector
         if use_data and block_info.index < last_needed:
             source = original if original is not None else block

@@ -85,6 +85,10 @@ def load_hf_model(ref: str | os.PathLike, trust_remote_code: bool = False, dtype
     """Load a causal LM or an encoder with its tokenizer. Weights stay in the dtype they were saved in."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # hiercomp shows its own progress; keep stderr for what matters
+    hf_logging.set_verbosity_error()
     ref = str(ref)
     config = load_config(ref, trust_remote_code)
     path = Path(ref).expanduser()
