@@ -97,7 +97,8 @@ def compress(
     hierarchy = walk(loaded.model)
     plan = recipe.resolve(hierarchy)
     if not plan:
-        raise HiercompError("the recipe matches no layer of this model; check its targets against `hiercomp info MODEL`")
+        raise HiercompError("the recipe matches no layer of this model; "
+                            "check its targets against `hiercomp info MODEL`")
     report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
                             sequential=sequential, batch_size=batch_size, progress=progress, hierarchy=hierarchy)
     return CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe, report, loaded.source)

@@ -49,7 +49,8 @@ def cli() -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--out", "out", required=True, type=click.Path(), help="Folder to write (must not exist, unless --force).")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="Folder to write (must not exist, unless --force).")
 @click.option("--method", type=str, default=None,
               help="rtn | gptq (quantizers), magnitude | wanda | sparsegpt (pruners). Or use --recipe.")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML recipe aiming methods at layers by name.")
@@ -133,7 +134,8 @@ def _recipe_from_options(method: str | None, recipe: str | None, bits: int | Non
     if "bits" in params and not 2 <= params["bits"] <= 8:
         raise HiercompError(f"--bits must be between 2 and 8, got {params['bits']}")
     if params.get("group_size") is not None and params["group_size"] < 1:
-        raise HiercompError(f"--group-size must be a positive integer (or 0 for per-channel), got {params['group_size']}")
+        raise HiercompError("--group-size must be a positive integer (or 0 for per-channel), "
+                            f"got {params['group_size']}")
     return Recipe.single(method, **params)
 
 
@@ -172,8 +174,9 @@ def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | N
 def _print_eval(result: dict[str, Any]) -> None:
     lines = [f"model            {result['model']}",
              f"bits per weight  {result['bits_per_weight']:.3f}",
-             f"size             {_fmt_bytes(result['size_bytes'])}"
-             + (f"  (original {_fmt_bytes(result['reference_size_bytes'])})" if "reference_size_bytes" in result else "")]
+             f"size             {_fmt_bytes(result['size_bytes'])}"]
+    if "reference_size_bytes" in result:
+        lines[-1] += f"  (original {_fmt_bytes(result['reference_size_bytes'])})"
     for key, label in (("perplexity", "perplexity"), ("reference_perplexity", "  original"), ("kl", "KL(orig‖this)"),
                        ("top1_agreement", "top-1 agreement"), ("recall_at_1", "recall@1"),
                        ("reference_recall_at_1", "  original"), ("cosine", "cosine to orig")):

@@ -81,7 +81,8 @@ class Recipe:
         ignore = _patterns(data.get("ignore", list(DEFAULT_IGNORE)), source, -1)
         unknown = set(data) - {"rules", "ignore"}
         if unknown:
-            raise HiercompError(f"{source}: unknown recipe key(s) {', '.join(sorted(unknown))}; use 'rules' and 'ignore'")
+            raise HiercompError(f"{source}: unknown recipe key(s) {', '.join(sorted(unknown))}; "
+                                "use 'rules' and 'ignore'")
         return cls(tuple(rules), ignore)
 
     @classmethod

@@ -14,7 +14,9 @@ from torch import nn
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import TESTED_MODEL_TYPES
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 
 
 @dataclass
@@ -46,7 +48,7 @@ def load_config(ref: str, trust_remote_code: bool = False) -> Any:
         try:
             json.loads((path / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HiercompError(f"{path / 'config.json'} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
+            raise HiercompError(f"{path / 'config.json'} is not valid JSON ({getattr(err, 'msg', err)}); "
                                 "restore the model folder") from None
     elif not _looks_like_hub_id(ref):
         raise HiercompError(f"model folder {ref} does not exist; pass a local folder or a hub id like 'org/name'")
@@ -81,10 +83,11 @@ def check_finite(model: nn.Module, source: str) -> None:
                                 "re-download or re-export it")
 
 
-def load_hf_model(ref: str | os.PathLike, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_hf_model(
+    ref: str | os.PathLike, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load a causal LM or an encoder with its tokenizer. Weights stay in the dtype they were saved in."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # hiercomp shows its own progress; keep stderr for what matters

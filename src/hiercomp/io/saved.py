@@ -38,7 +38,8 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.storage_offset()) if tensor.numel() else None
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.storage_offset())
+        key = key if tensor.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue
@@ -80,7 +81,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise HiercompError(f"{path} is not a hiercomp folder (no {META_FILE}); compress a model into it first") from None
+        raise HiercompError(f"{path} is not a hiercomp folder (no {META_FILE}); "
+                            "compress a model into it first") from None
     except json.JSONDecodeError as err:
         raise HiercompError(f"{meta_path} is damaged ({err.msg}); compress the model again") from None
     if info.get("format") != FORMAT_NAME or info.get("format_version", 0) > FORMAT_VERSION:
@@ -121,7 +123,8 @@ def load_compressed(path: str | Path) -> nn.Module:
         state[alias] = state[stored]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+        raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); "
                             "compress the model again")
     model.eval()
     return model
