@@ -33,8 +33,17 @@ def compressed_ppl(method: str, calibration, eval_text, **params) -> tuple[float
     return perplexity(cm.model, cm.tokenizer, eval_text, seq_len=256, progress=False).perplexity, cm
 
 
-def test_original_perplexity_matches_the_published_figure(original_ppl):
-    assert 5.6 < original_ppl < 6.6
+def test_original_perplexity_matches_the_published_figure():
+    # The data README's ≈ 6.1 scores the raw file (its literal <|endoftext|> separators included) in
+    # 256-token windows without BOS; hiercomp's protocol (separators removed, BOS per window) is stricter
+    # about what it counts. Both reproduce here.
+    loaded = load_hf_model(STORIES)
+    raw = perplexity(loaded.model, loaded.tokenizer, TINYSTORIES.read_text(), seq_len=256, bos=False, progress=False)
+    assert raw.perplexity == pytest.approx(6.12, abs=0.02)
+
+
+def test_held_out_perplexity_under_the_stated_protocol(original_ppl):
+    assert original_ppl == pytest.approx(4.75, abs=0.02)
 
 
 def test_rtn_8bit_changes_perplexity_by_less_than_half_a_percent(stories_calibration, eval_text, original_ppl):

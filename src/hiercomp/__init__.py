@@ -9,25 +9,12 @@
 """
 
 from hiercomp.api import CompressedModel, compress, export_dense, load
+from hiercomp.calibration import CalibrationConfig
 from hiercomp.errors import HiercompError
+from hiercomp.evaluation import evaluate
 from hiercomp.recipe import Recipe, Rule
 
 __version__ = "0.1.0"
 
 
-def evaluate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - thin re-export, see hiercomp.evaluate.evaluate
-    """See :func:`hiercomp.evaluate.evaluate`."""
-    from hiercomp.evaluate import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
-
-
-def __getattr__(name: str):  # noqa: ANN202
-    if name == "CalibrationConfig":
-        from hiercomp.calibration import CalibrationConfig
-
-        return CalibrationConfig
-    raise AttributeError(name)
-
-
-__all__ = ["CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense", "load"]
+__all__ = ["CalibrationConfig", "CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense", "load"]

