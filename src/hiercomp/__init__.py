@@ -17,4 +17,7 @@ from hiercomp.recipe import Recipe, Rule
 __version__ = "0.1.0"
 
 
-__all__ = ["CalibrationConfig", "CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense", "load"]
+__all__ = [
+    "CalibrationConfig", "CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense",
+    "load",
+]
