@@ -1,6 +1,6 @@
 """Evaluation: perplexity, KL / top-1 agreement against a reference, encoder cosine and retrieval recall@1.
 
-The protocols are stated in docs/EVAL_PROTOCOL.md (and the README).
+The protocols are stated in the README ("How quality is measured").
 """
 
 from hiercomp.eval.distribution import DistributionResult, compare_distributions, windows_from_text
