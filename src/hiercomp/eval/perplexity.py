@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on a text, with one stated protocol (see docs/EVAL_PROTOCOL.md).
+"""Perplexity of a causal LM on a text, with one stated protocol (stated in the README).
 
 1. The whole text is tokenized once, without special tokens.
 2. The tokens are cut into non-overlapping windows of ``seq_len`` (default ``min(2048, model context)``).
