@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import torch
 
 from hiercomp.errors import HiercompError
 
@@ -62,7 +63,10 @@ def run_demo(out: str, bits: int = 4, limit: int = 300, force: bool = False, pro
     click.echo("")
     click.echo(f"{'':28}{'original':>14}{'compressed':>14}")
     click.echo(f"{'size of the weights file':28}{result['reference_size_bytes']:>14,}{result['size_bytes']:>14,}")
-    click.echo(f"{'bits per weight (linears)':28}{32.0:>14.3f}{result['bits_per_weight']:>14.3f}")
+    dense_bits = float(torch.finfo(next(cm.model.parameters()).dtype).bits)
+    kept_dense = result["size_bytes"] - cm.report.compressed_bits / 8
+    click.echo(f"{'  of which kept as they were':28}{'':>14}{kept_dense:>14,.0f}   (embeddings, norms, pooler)")
+    click.echo(f"{'bits per weight (linears)':28}{dense_bits:>14.3f}{result['bits_per_weight']:>14.3f}")
     click.echo(f"{'SQuAD retrieval recall@1':28}{result['reference_recall_at_1']:>14.4f}{result['recall_at_1']:>14.4f}")
     click.echo(f"{'cosine to original':28}{1.0:>14.4f}{result['cosine']:>14.4f}")
     click.echo(f"\n{result['n_pairs']} held-out question -> passage pairs; compressed model saved in {out} "
