@@ -6,7 +6,10 @@ For each transformer block in order:
 2. its linear layers are split into *stages* by the tensor they read (q/k/v read the same normed hidden
    state, then o_proj, then gate/up, then down_proj); with ``sequential=True`` each stage's statistics are
    gathered after the previous stages were compressed, so later layers see their real inputs;
-3. statistics (E[x xᵀ], E[x²]) are gathered with forward hooks, each layer is compressed and swapped
+3. methods with a block-level step (AWQ's ``prepare_group``) first rewrite each stage group of the still
+   uncompressed block: search per-channel scales on the group's input, fold them into the operation
+   before it, scale the group's weights (see :func:`_transform_groups`);
+4. statistics (E[x xᵀ], E[x²]) are gathered with forward hooks, each layer is compressed and swapped
    for its packed module, and its relative output error ||ΔW x||² / ||W x||² on the calibration inputs is
    recorded.
 Only one block's inputs and outputs are held at a time (sequences x length x hidden), never the
@@ -19,6 +22,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -236,6 +240,95 @@ def _stages(block: nn.Module, names: dict[str, nn.Module], probe: _BlockBatch) -
     return [members for _, members in stages] + ([never_called] if never_called else [])
 
 
+class _ModuleRunner:
+    """``runner(position)``: what submodule ``position`` of ``block`` ("" = the block) outputs on a few batches.
+
+    A scale search calls this a score of times while changing only the module's own weights, so the
+    module's inputs (args and kwargs, per batch) are captured once by running the block up to it, and the
+    module alone is run after that. They are captured again when a parameter *outside* the module has
+    changed since (its version counter moved): a fold into the norm or layer before the module changes
+    what the module reads.
+    """
+
+    def __init__(self, block: nn.Module, batches: list[_BlockBatch]) -> None:
+        self.block = block
+        self.batches = batches
+        self.cache: dict[str, tuple[tuple, list[tuple[tuple, dict]]]] = {}
+
+    def _capture(self, module: nn.Module) -> list[tuple[tuple, dict]]:
+        calls: list[tuple[tuple, dict]] = []
+
+        def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((args, kwargs))
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for batch in self.batches:
+                    try:
+                        _run_block(self.block, batch)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        return calls
+
+    def inputs(self, position: str, max_tokens: int | None = None) -> torch.Tensor:
+        """What layer ``position`` reads, (tokens, in_features): the first ``max_tokens`` tokens."""
+        calls = self._capture(self.block.get_submodule(position))
+        return torch.cat([args[0].reshape(-1, args[0].shape[-1]).float() for args, _ in calls])[:max_tokens]
+
+    def __call__(self, position: str) -> torch.Tensor:
+        module = self.block.get_submodule(position)
+        inside = {id(p) for p in module.parameters()}
+        stamp = tuple((id(p), p._version) for p in self.block.parameters() if id(p) not in inside)
+        if position not in self.cache or self.cache[position][0] != stamp:
+            self.cache[position] = (stamp, self._capture(module))
+        outputs = []
+        with torch.inference_mode():
+            for args, kwargs in self.cache[position][1]:
+                out = _first_tensor(module(*args, **kwargs)).float()
+                outputs.append(out.reshape(-1, out.shape[-1]))
+        return torch.cat(outputs)
+
+
+def _transform_groups(
+    block: nn.Module, block_name: str, groups: list[list[str]], methods: dict[str, Method],
+    batches: list[_BlockBatch],
+) -> dict[str, str]:
+    """Let methods with a block-level step (AWQ) rewrite each stage group before anything in the block is compressed.
+
+    ``method.prepare_group(block, positions, inputs, run_module)`` gets the group's members that use it,
+    ``inputs()``, a sample of their shared input (tokens, in_features; computed when asked for, since a
+    group with nothing to fold does not need it), and ``run_module(position)``, which returns
+    that submodule's output on the same calibration sequences (:class:`_ModuleRunner`); it may change the
+    block's float weights in place (scales folded into the norm or layer before the group) and returns
+    a note on what it did. All groups go first because a fold can reach into another stage's layer
+    (down_proj's scales into up_proj's rows), which must still hold float weights then. Returns the notes
+    by full layer name.
+    """
+    notes: dict[str, str] = {}
+    for group in groups:
+        members = [p for p in group if callable(getattr(methods.get(p), "prepare_group", None))]
+        if not members:
+            continue
+        method: Any = methods[members[0]]
+        n_tokens = int(getattr(method, "n_tokens", 4096))
+        # Whole sequences (attention needs them), the first batches until n_tokens: bounded memory and time.
+        chosen, tokens = [], 0
+        for batch in batches:
+            if tokens >= n_tokens:
+                break
+            chosen.append(batch)
+            tokens += batch.hidden.shape[0] * batch.hidden.shape[1]
+        runner = _ModuleRunner(block, chosen)
+        note = method.prepare_group(block, members, partial(runner.inputs, members[0], n_tokens), runner)
+        if note:
+            notes[f"{block_name}.{members[0]}"] = note
+    return notes
+
+
 def compress_model(
     model: nn.Module,
     plan: dict[str, Method],
@@ -252,6 +345,10 @@ def compress_model(
     """Compress ``model`` in place following ``plan`` (layer name -> method). Returns the report."""
     if propagate not in ("compressed", "original"):
         raise HiercompError(f"propagate must be 'compressed' or 'original', got {propagate!r}")
+    # AWQ measures every block on the original model's activations (it does not propagate quantization
+    # error); a plan made only of methods that ask for this gets it whatever ``propagate`` says.
+    if plan and all(getattr(m, "propagate_original", False) for m in plan.values()):
+        propagate = "original"
     start = time.perf_counter()
     hierarchy = hierarchy or walk(model)
     report = CompressionReport(settings={"propagate": propagate, "sequential": sequential,
@@ -297,6 +394,10 @@ def compress_model(
             modules = {lin.position: block.get_submodule(lin.position) for lin in targets}
             # Layers reading the same tensor (q/k/v; gate/up) share one set of statistics.
             groups = _stages(block, modules, batches[0])
+            notes = _transform_groups(block, block_info.name, groups,
+                                      {lin.position: plan[lin.name] for lin in targets}, batches)
+            if notes:
+                report.settings.setdefault("group_transforms", {}).update(notes)
             passes = groups if sequential else [[p for g in groups for p in g]]
             by_position = {lin.position: lin for lin in targets}
             for pass_positions in passes:
