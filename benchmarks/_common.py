@@ -31,7 +31,8 @@ def require_shared() -> None:
 
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} when written "
+            "(above the thread count means other work shared the cores and inflated wall times)")
 
 
 def peak_rss_mb() -> float:

