@@ -111,7 +111,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(is_linear(m) for m in module[0].modules()):
+        # any block, not just the first: depth pruning (hiercomp.depth) may have emptied block 0
+        if not any(is_linear(m) for child in module for m in child.modules()):
             continue
         size = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
         if best is None or size > best[0]:

@@ -39,11 +39,35 @@ def _describe_compressed(path: Path) -> tuple[str, dict[str, Any]]:
                  f"{bpw:.4f} bits per weight (codes + scales + zeros + masks + indices + biases)")
     lines.append(f"weights file {sizes['size_bytes']:,} bytes (header {sizes['header_bytes']:,}); "
                  f"accounted {meta.get('accounted_bytes', 0):,.1f} bytes; source {meta.get('source')}")
+    removed = meta.get("removed", [])
+    lines += _removed_lines(removed, report)
     data = {"model": str(path), "source": meta.get("source"), "bits_per_weight": bpw,
             "size_bytes": sizes["size_bytes"], "accounted_bytes": meta.get("accounted_bytes"),
             "header_bytes": sizes["header_bytes"], "compressed_weights": report.get("compressed_weights"),
             "recipe": meta.get("recipe"), "layers": layers}
+    if removed:
+        data["removed"] = removed
+        data["bits_per_weight_incl_removed"] = _bpw_incl_removed(removed, report)
+        data["recovery"] = meta.get("recovery")
     return "\n".join(lines), data
+
+
+def _bpw_incl_removed(removed: list[dict[str, Any]], report: dict[str, Any]) -> float:
+    """Compressed layers' bits over their weights plus the removed layers' weights (removed = 0 bits)."""
+    weights = report.get("compressed_weights", 0) + sum(r.get("linear_weights", 0) for r in removed)
+    return report.get("compressed_bits", 0) / weights if weights else 0.0
+
+
+def _removed_lines(removed: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """Depth pruning: one line per removed unit (stored in 0 bytes), and bits per weight counting them."""
+    if not removed:
+        return []
+    lines = ["", f"removed by depth pruning ({len(removed)}; stored in 0 bytes):"]
+    lines += [f"  {r['name']:<40} {r.get('kind', '?'):<6} {r.get('params', 0):>12,} params, "
+              f"{r.get('linear_weights', 0):,} linear weights" for r in removed]
+    lines.append(f"{_bpw_incl_removed(removed, report):.4f} bits per weight over compressed + removed layers "
+                 "(removed layers count 0 bits)")
+    return lines
 
 
 def _describe_original(ref: str) -> tuple[str, dict[str, Any]]:

@@ -12,6 +12,8 @@ YAML form::
       - method: rtn              # later rules win for the layers they match
         targets: ["*.down_proj"]
         bits: 8
+    remove: [model.layers.3.mlp]  # optional: attention/MLP sub-blocks or whole blocks removed first
+                                  # (hiercomp.depth); their layers are gone, the rules act on the rest
 
 A recipe resolves, against a model's hierarchy, into a per-layer assignment: the plan the engine runs.
 """
@@ -61,6 +63,7 @@ class Rule:
 class Recipe:
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+    remove: tuple[str, ...] = ()  # units removed before compressing (names as in hiercomp.depth.list_subblocks)
 
     @classmethod
     def single(cls, method: str, targets: tuple[str, ...] = ("*",), **params: Any) -> Recipe:
@@ -68,10 +71,12 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
-        if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
+        remove = _patterns(data.get("remove", []), source, -2) if isinstance(data, dict) else ()
+        if not isinstance(data, dict) or not isinstance(data.get("rules", []), list) or not (data.get("rules")
+                                                                                           or remove):
             raise HiercompError(f"{source}: a recipe needs a non-empty 'rules:' list (see the README's recipe format)")
         rules = []
-        for i, raw in enumerate(data["rules"]):
+        for i, raw in enumerate(data.get("rules", [])):
             if not isinstance(raw, dict) or "method" not in raw:
                 raise HiercompError(f"{source}: rule {i + 1} needs a 'method:' key")
             params = {k: v for k, v in raw.items() if k not in ("method", "targets", "ignore")}
@@ -79,11 +84,11 @@ class Recipe:
             ignore = _patterns(raw.get("ignore", []), source, i)
             rules.append(Rule(make_method(raw["method"], **params), targets, ignore))
         ignore = _patterns(data.get("ignore", list(DEFAULT_IGNORE)), source, -1)
-        unknown = set(data) - {"rules", "ignore"}
+        unknown = set(data) - {"rules", "ignore", "remove"}
         if unknown:
             raise HiercompError(f"{source}: unknown recipe key(s) {', '.join(sorted(unknown))}; "
-                                "use 'rules' and 'ignore'")
-        return cls(tuple(rules), ignore)
+                                "use 'rules', 'ignore' and 'remove'")
+        return cls(tuple(rules), ignore, remove)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -97,7 +102,10 @@ class Recipe:
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ignore": list(self.ignore), "rules": [r.to_dict() for r in self.rules]}
+        out: dict[str, Any] = {"ignore": list(self.ignore), "rules": [r.to_dict() for r in self.rules]}
+        if self.remove:
+            out["remove"] = list(self.remove)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -118,6 +126,6 @@ def _patterns(value: Any, source: str, rule_index: int) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        where = "top-level ignore" if rule_index < 0 else f"rule {rule_index + 1}"
+        where = {-1: "top-level ignore", -2: "top-level remove"}.get(rule_index, f"rule {rule_index + 1}")
         raise HiercompError(f"{source}: {where} needs a list of name patterns")
     return tuple(value)

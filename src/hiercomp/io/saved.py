@@ -4,7 +4,8 @@ A folder holds:
 - ``model.safetensors``: the model's ``state_dict`` — dense parameters as they were, compressed layers as
   their packed buffers (uint8 codes, float16 scales, ...); tensors shared by tied weights stored once;
 - ``config.json`` (+ tokenizer files): the original Hugging Face config, so the skeleton can be rebuilt;
-- ``hiercomp.json``: format version, model class, each compressed layer's config, the compression report;
+- ``hiercomp.json``: format version, model class, each compressed layer's config, the compression report,
+  and ``removed``: the sub-blocks / blocks removed by depth pruning (re-applied before loading the state);
 - ``recipe.yaml``: the recipe that made it, readable and re-usable.
 Loading rebuilds the skeleton from the config, swaps in empty compressed layers of the saved shapes and
 loads the state dict: the logits are bit-identical to the compressed model that was saved.
@@ -65,6 +66,13 @@ def save_compressed(
         "aliases": aliases,
     }
     info.update(meta or {})
+    if "removed" not in info:  # units removed by hand (hiercomp.depth.remove_subblocks): load must re-apply them
+        from hiercomp.depth.standins import RemovedSubBlock
+
+        if any(isinstance(m, RemovedSubBlock) for m in model.modules()):
+            from hiercomp.depth import removed_subblocks
+
+            info["removed"] = [{"name": name} for name in removed_subblocks(model)]
     with atomic_dir(out, force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT_NAME})
         model.config.save_pretrained(tmp)
@@ -102,6 +110,11 @@ def build_skeleton(path: str | Path, info: dict[str, Any]) -> nn.Module:
         raise HiercompError(f"this transformers version has no {info['model_class']}; upgrade transformers")
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = cls(config).to(dtype)
+    removed = [row["name"] for row in info.get("removed", [])]
+    if removed:  # depth pruning: the same stand-ins as when saved, so the state keys match
+        from hiercomp.depth import remove_subblocks
+
+        remove_subblocks(model, removed)
     for name, layer_cfg in info["layers"].items():
         set_module(model, name, build_layer(layer_cfg))
     return model
