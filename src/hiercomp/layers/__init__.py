@@ -1,10 +1,11 @@
 """Compressed layers: modules that keep the packed form and compute from it."""
 
 from hiercomp.layers.base import LAYER_TYPES, CompressedLinear, build_layer
+from hiercomp.layers.bitstack import BitStackLinear
 from hiercomp.layers.hlq import HLQLinear
 from hiercomp.layers.lowrank import LowRankLinear
 from hiercomp.layers.quantized import QuantizedLinear
 from hiercomp.layers.sparse import SparseLinear
 
-__all__ = ["LAYER_TYPES", "CompressedLinear", "HLQLinear", "LowRankLinear", "QuantizedLinear", "SparseLinear",
-           "build_layer"]
+__all__ = ["LAYER_TYPES", "BitStackLinear", "CompressedLinear", "HLQLinear", "LowRankLinear", "QuantizedLinear",
+           "SparseLinear", "build_layer"]

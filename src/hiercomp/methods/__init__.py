@@ -1,6 +1,6 @@
 """Compression methods, one file each, registered by their CLI name."""
 
-from hiercomp.methods import awq, hlq, hqq, magnitude, rtn, svd, wanda  # noqa: F401  (registration)
+from hiercomp.methods import awq, bitstack, hlq, hqq, magnitude, rtn, svd, wanda  # noqa: F401  (registration)
 from hiercomp.methods.base import METHODS, LayerStats, Method, make_method
 
 try:  # methods that arrive in their own files register themselves on import
