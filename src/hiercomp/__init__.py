@@ -8,7 +8,7 @@
     print(hiercomp.evaluate("out/model-gptq4", text="held_out.txt", reference="path/to/model"))
 """
 
-from hiercomp.api import CompressedModel, compress, export_dense, load
+from hiercomp.api import CompressedModel, compress, export_dense, load, search
 from hiercomp.calibration import CalibrationConfig
 from hiercomp.errors import HiercompError
 from hiercomp.evaluation import evaluate
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationConfig", "CompressedModel", "HiercompError", "Recipe", "Rule", "compress", "evaluate", "export_dense",
-    "load",
+    "load", "search",
 ]

@@ -51,6 +51,9 @@ class CompressedModel:
         meta = {"source": self.source, "is_encoder": self.is_encoder, "report": self.report.to_dict(),
                 "recipe": None if self.recipe is None else self.recipe.to_dict(),
                 "accounted_bytes": self.accounted_bytes(), **self.extra}
+        from hiercomp.anysize import stack_meta
+
+        meta.update(stack_meta(self.model))  # BitStack: the global block order, for loading at a budget
         return save_compressed(self.model, out, tokenizer=self.tokenizer,
                                recipe_yaml=None if self.recipe is None else self.recipe.to_yaml(),
                                meta=meta, force=force)
@@ -78,11 +81,14 @@ def compress(
     batch_size: int = 8,
     progress: bool = True,
     trust_remote_code: bool = False,
+    recovery: Any = None,
 ) -> CompressedModel:
     """Compress a model (a Hugging Face folder, hub id, or an already loaded model) following ``recipe``.
 
     ``calibration`` is a (N, L) tensor of token ids, or a :class:`hiercomp.calibration.CalibrationConfig`
     (loaded with the model's tokenizer). A model passed as a module is compressed in place.
+    The recipe's ``remove`` units go first; with ``recovery`` (a :class:`hiercomp.depth.RecoveryConfig`) the
+    blocks after the first removed one are distilled against the original before the rest is compressed.
     """
     loaded = _as_loaded(model_or_path, tokenizer, trust_remote_code)
     if isinstance(recipe, (str, Path)):
@@ -94,33 +100,69 @@ def compress(
 
         max_len = getattr(loaded.model.config, "max_position_embeddings", None)
         calibration = load_calibration(loaded.tokenizer, calibration, max_len=max_len)
+    depth_facts: dict[str, Any] = {}
+    if recipe.remove:  # depth pruning first, so the engine compresses only (recovered) remaining layers
+        from hiercomp.depth import apply_removals
+
+        depth_facts = apply_removals(loaded.model, recipe.remove, calibration, recovery,
+                                     encoder=loaded.is_encoder, progress=progress)
     hierarchy = walk(loaded.model)
     plan = recipe.resolve(hierarchy)
-    if not plan:
+    if not plan and not recipe.remove:
         raise HiercompError("the recipe matches no layer of this model; "
                             "check its targets against `hiercomp info MODEL`")
-    report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
-                            sequential=sequential, batch_size=batch_size, progress=progress, hierarchy=hierarchy)
-    return CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe, report, loaded.source)
+    report = CompressionReport()
+    if plan:
+        report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
+                                sequential=sequential, batch_size=batch_size, progress=progress,
+                                hierarchy=hierarchy)
+    return CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe, report, loaded.source,
+                           extra=depth_facts)
 
 
-def load(path: str | Path) -> CompressedModel:
-    """Load a folder written by :meth:`CompressedModel.save`."""
+def load(path: str | Path, budget: str | int | float | None = None) -> CompressedModel:
+    """Load a folder written by :meth:`CompressedModel.save`.
+
+    ``budget`` (a BitStack model only): ``"120KB"`` (KB = 1000 bytes, KiB = 1024), bytes as a number, or
+    ``"3.0bpw"``; loads the longest prefix of the global block stack whose saved size fits (see
+    :mod:`hiercomp.anysize`), reading only those blocks from the file.
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.exists():
         raise HiercompError(f"{path} does not exist; pass a folder written by `hiercomp compress`")
     info = read_meta(path)
-    model = load_compressed(path)
+    if budget is None:
+        model = load_compressed(path)
+    else:
+        from hiercomp.anysize import load_budget
+
+        model, info = load_budget(path, info, budget)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception:  # a model saved without tokenizer files
         tokenizer = None
     recipe = Recipe.from_dict(info["recipe"]) if info.get("recipe") else None
     report = CompressionReport.from_dict(info.get("report", {}))
-    return CompressedModel(model, tokenizer, info.get("is_encoder", False), recipe, report,
-                           info.get("source", str(path)))
+    cm = CompressedModel(model, tokenizer, info.get("is_encoder", False), recipe, report,
+                         info.get("source", str(path)))
+    if budget is not None:
+        cm.extra["loaded"] = info["loaded"]
+    cm.extra.update({k: info[k] for k in ("removed", "recovery") if k in info})  # depth pruning, kept on re-save
+    return cm
+
+
+def search(model_or_path: Any, budget: str, calibration: Any, **options: Any) -> Any:
+    """Find a per-layer plan that fits ``budget`` ("3.0bpw", "150KB", "0.25x"); compress nothing. Returns a Plan.
+
+    Options: ``search`` ("uniform" | "greedy" | "evo"), ``levels``, ``evo`` (EvoConfig), ``cache_dir``,
+    ``checkpoint``, ``out`` (plan YAML + PNGs) — see :func:`hiercomp.budget.search.search`. Apply the plan with
+    ``compress(model, plan.to_recipe(), calibration)``.
+    """
+    from hiercomp.budget.search import search as run_search
+
+    return run_search(model_or_path, budget, calibration=calibration, **options)
 
 
 def load_any(ref: str | Path, trust_remote_code: bool = False) -> CompressedModel:

