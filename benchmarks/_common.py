@@ -59,3 +59,19 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Cal
             cells.append("–" if value is None else (fmt(value) if fmt else str(value)))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body])
+
+
+def stories_split(tokenizer: Any, calib_n: int, calib_len: int = 256) -> tuple[str, torch.Tensor]:
+    """The TinyStories sample cut in two: the first half of its stories as evaluation text, and ``calib_n``
+    seeded windows of ``calib_len`` tokens from the second half as calibration (never evaluated)."""
+    import tempfile
+
+    from hiercomp import eval as ev
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+
+    docs = ev.load_eval_text(TINYSTORIES).split("\n\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calib.txt"
+        calib_file.write_text("\n\n".join(docs[len(docs) // 2:]))
+        calibration = load_calibration(tokenizer, CalibrationConfig(str(calib_file), calib_n, calib_len, seed=0))
+    return "\n\n".join(docs[: len(docs) // 2]), calibration

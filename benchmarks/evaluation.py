@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hiercomp  # noqa: E402
-from _common import RESULTS, SHARED, SQUAD, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
+from _common import RESULTS, SHARED, SQUAD, STORIES, machine, markdown_table, require_shared, stories_split  # noqa: E402
 from hiercomp import eval as ev  # noqa: E402
 from hiercomp.calibration import CalibrationConfig, load_calibration  # noqa: E402
 from hiercomp.io.hf import load_hf_model  # noqa: E402
@@ -57,14 +56,8 @@ def tasks_of(model, tokenizer, limits: dict[str, int]) -> dict:
 
 def stories(configs: list[str], limits: dict[str, int]) -> list[dict]:
     """Rows (perplexity, KL, top-1, task scores) for configs such as ``original``, ``rtn:8``, ``gptq:3``."""
-    text = ev.load_eval_text(TINYSTORIES)
-    docs = text.split("\n\n")
-    eval_text = "\n\n".join(docs[: len(docs) // 2])
     ref = load_hf_model(STORIES)
-    with tempfile.TemporaryDirectory() as tmp:
-        calib_file = Path(tmp) / "calib.txt"
-        calib_file.write_text("\n\n".join(docs[len(docs) // 2:]))
-        calibration = load_calibration(ref.tokenizer, CalibrationConfig(str(calib_file), 128, 256, seed=0))
+    eval_text, calibration = stories_split(ref.tokenizer, 128)
     windows = ev.text_windows(ref.tokenizer, eval_text, 256)
     rows = []
     for config in configs:

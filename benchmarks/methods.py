@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hiercomp  # noqa: E402
-from _common import RESULTS, SHARED, SQUAD, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
+from _common import RESULTS, SHARED, SQUAD, STORIES, machine, markdown_table, require_shared, stories_split  # noqa: E402
 from hiercomp import eval as ev  # noqa: E402
 from hiercomp.calibration import CalibrationConfig, load_calibration  # noqa: E402
 from hiercomp.hierarchy import set_module, walk  # noqa: E402
@@ -189,14 +189,8 @@ class Bench:
 
 
 def stories_bench() -> tuple[Bench, dict[str, float]]:
-    text = ev.load_eval_text(TINYSTORIES)
-    docs = text.split("\n\n")
-    eval_text = "\n\n".join(docs[: len(docs) // 2])
     ref = load_hf_model(STORIES)
-    with tempfile.TemporaryDirectory() as tmp:
-        calib_file = Path(tmp) / "calib.txt"
-        calib_file.write_text("\n\n".join(docs[len(docs) // 2:]))
-        calibration = load_calibration(ref.tokenizer, CalibrationConfig(str(calib_file), 64, 256, seed=0))
+    eval_text, calibration = stories_split(ref.tokenizer, 64)
     windows = ev.text_windows(ref.tokenizer, eval_text, 256, WINDOWS)
 
     def measure(model: torch.nn.Module, tokenizer: Any) -> dict[str, float]:
