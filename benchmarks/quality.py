@@ -102,7 +102,7 @@ def minilm(quick: bool, write_only: bool = False) -> tuple[list[dict], int, int]
     base = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts, gold, progress=False)
     rows = [{"config": "original (float32)", "bpw": 32.0, "recall": base, "cosine": 1.0}]
     done = measured("MiniLM")
-    for method, params in configs(quick, [None, 128, 64]):
+    for method, params in configs(quick, [None, 128]):  # g64 left out to keep the run under ~20 min
         if label(method, params) in done or write_only:
             rows.extend([done[label(method, params)]] if label(method, params) in done else [])
             continue

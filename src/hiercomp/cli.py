@@ -1,4 +1,4 @@
-"""The `hiercomp` command: compress, eval, info, export, demo."""
+"""The `hiercomp` command: compress, eval, info, export, demo, methods, search, report."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def cli() -> None:
       hiercomp compress MODEL_DIR --method gptq --bits 4 --group-size 128 --calib text.txt --out out/m4
       hiercomp eval out/m4 --text held_out.txt --kl-against MODEL_DIR --json result.json
       hiercomp info out/m4
+      hiercomp compress MODEL_DIR --budget 3.0bpw --search greedy --calib text.txt --out out/m3
+      hiercomp report out/m4 out/m3 --text held_out.txt --kl-against MODEL_DIR --out report.html
     Run `hiercomp COMMAND --help` for each command's options.
     """
 
