@@ -15,7 +15,6 @@ order allows, and KL(original ‖ compressed) is measured on 16 held-out windows
 
 from __future__ import annotations
 
-import heapq
 import sys
 import time
 from pathlib import Path
@@ -36,22 +35,8 @@ N_BLOCKS = 6
 
 
 def weighted_order(layers: dict[str, BitStackLinear]) -> list[tuple[str, int]]:
-    order = [(name, 0) for name in layers]
-    heap: list[tuple[float, int, str, int]] = []
-
-    def offer(rank: int, name: str, block: int) -> None:
-        layer = layers[name]
-        if block < layer.n_blocks:
-            gain = (layer.block_errors[block] - layer.block_errors[block + 1]) * layer.in_features * layer.out_features
-            heapq.heappush(heap, (-gain / layer.block_bits(), rank, name, block))
-
-    for rank, name in enumerate(layers):
-        offer(rank, name, 1)
-    while heap:
-        _, rank, name, block = heapq.heappop(heap)
-        order.append((name, block))
-        offer(rank, name, block + 1)
-    return order
+    """The stack order with each layer's error reduction weighted by its number of weights."""
+    return global_order(layers, weight=lambda layer: layer.in_features * layer.out_features)
 
 
 def apply_prefix(layers: dict[str, BitStackLinear], order: list[tuple[str, int]], max_bits: float) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,11 @@ def bitstack_layers(model: nn.Module) -> dict[str, BitStackLinear]:
     return {name: layer for name, layer in compressed_layers(model).items() if isinstance(layer, BitStackLinear)}
 
 
-def global_order(layers: dict[str, BitStackLinear]) -> list[tuple[str, int]]:
+def global_order(layers: dict[str, BitStackLinear],
+                 weight: Callable[[BitStackLinear], float] = lambda layer: 1.0) -> list[tuple[str, int]]:
     """Every stored block as (layer, block index): all bases first (in model order), then the rest, greedily by
-    error reduction per bit among each layer's next block (ties: model order)."""
+    error reduction per bit among each layer's next block (ties: model order). ``weight`` scales a layer's
+    relative error reduction (benchmarks/bitstack_order.py compares weighting by layer size)."""
     order = [(name, 0) for name in layers]
     heap: list[tuple[float, int, str, int]] = []
 
@@ -63,7 +66,7 @@ def global_order(layers: dict[str, BitStackLinear]) -> list[tuple[str, int]]:
         layer = layers[name]
         if block < layer.n_blocks:
             errors = layer.block_errors
-            gain = errors[block] - errors[block + 1] if len(errors) > block + 1 else 0.0
+            gain = (errors[block] - errors[block + 1]) * weight(layer) if len(errors) > block + 1 else 0.0
             heapq.heappush(heap, (-gain / layer.block_bits(), rank, name, block))
 
     for rank, name in enumerate(layers):
