@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, SHARED, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
-from hiercomp.engine import relative_output_error  # noqa: E402
+from hiercomp.engine import input_hessians, relative_output_error  # noqa: E402
 from hiercomp.methods import LayerStats, make_method  # noqa: E402
 
 BITS = (2, 3, 4)
@@ -40,29 +40,6 @@ STORIES_LAYERS = ["model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.o
                   "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 MINILM_LAYERS = ["encoder.layer.2.attention.self.query", "encoder.layer.2.attention.output.dense",
                  "encoder.layer.2.intermediate.dense", "encoder.layer.2.output.dense"]
-
-
-def input_hessians(model: torch.nn.Module, names: list[str], calls: list[dict[str, torch.Tensor]]
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (weight, E[x xᵀ] over all input tokens of the calls), float32."""
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    modules = dict(model.named_modules())
-
-    def hook(name: str):
-        def grab(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] += x.shape[0]
-        return grab
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    with torch.no_grad():
-        for call in calls:
-            model(**call)
-    for h in handles:
-        h.remove()
-    return {n: (modules[n].weight.detach().float().clone(), (sums[n] / counts[n]).float()) for n in names}
 
 
 def real_layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

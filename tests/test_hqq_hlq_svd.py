@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hiercomp
-from hiercomp.engine import relative_output_error
+from hiercomp.engine import input_hessians, relative_output_error
 from hiercomp.errors import HiercompError
 from hiercomp.layers import HLQLinear, LowRankLinear, QuantizedLinear, build_layer
 from hiercomp.layers.hlq import hlq_values
@@ -25,31 +25,6 @@ from tests.conftest import SQUAD, STORIES, minilm_path, needs_shared
 STORIES_LAYERS = ["model.layers.2.self_attn.q_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 MINILM_LAYERS = ["encoder.layer.2.attention.self.query", "encoder.layer.2.intermediate.dense",
                  "encoder.layer.2.output.dense"]
-
-
-def input_hessians(model: torch.nn.Module, names: list[str], calls: list[dict[str, torch.Tensor]]
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (weight (out, in), H = E[x xᵀ] over every input token the layer saw), in float32."""
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    modules = dict(model.named_modules())
-
-    def hook(name: str):
-        def grab(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            counts[name] += x.shape[0]
-        return grab
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for call in calls:
-                model(**call)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (modules[n].weight.detach().float().clone(), (sums[n] / counts[n]).float()) for n in names}
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,34 @@ class _StatsCollector:
         return stats
 
 
+def input_hessians(model: nn.Module, names: list[str], calls: list[dict[str, torch.Tensor]]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (weight (out, in), H = E[x xᵀ] over every input token the layer saw in ``model(**call)`` for each
+    call), both float32. Whole-model forward passes with sums in float64: for measuring a method on real
+    layers outside the engine (benchmarks, tests), not for calibration, which goes block by block."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+    modules = dict(model.named_modules())
+
+    def hook(name: str) -> Callable:
+        def grab(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums[name] + x.t() @ x if name in sums else x.t() @ x
+            counts[name] += x.shape[0]
+
+        return grab
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for call in calls:
+                model(**call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (modules[n].weight.detach().float().clone(), (sums[n] / counts[n]).float()) for n in names}
+
+
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - Ŵ) x||² / ||W x||² averaged over the tokens that produced ``hessian`` = E[x xᵀ]."""
     delta = weight - approx
