@@ -42,6 +42,10 @@ def test_levels_spec() -> None:
     for bad in ("nosuch:bits=2", "gptq:bits", "gptq:colour=red", "awq:bits=4", "remove"):
         with pytest.raises(HiercompError):
             parse_levels(bad)
+    # Per-channel is written 'channel' (or 0, as --group-size takes it); both are one level, labelled 'channel'.
+    levels, _ = parse_levels("gptq:bits=3:group_size=channel,0,128")
+    assert [lv.label for lv in levels] == ["gptq:bits=3:group_size=channel", "gptq:bits=3:group_size=128"]
+    assert levels[0].make().group_size is None
 
 
 def test_size_model_bounds_the_saved_file(tmp_path: Path) -> None:
@@ -145,6 +149,16 @@ def _toy_optimum(space: Space, errors: list[list[float]]) -> tuple[float, tuple[
 
 def _toy_fitness(errors: list[list[float]]):
     return lambda genome, batch: sum(errors[i][r] for i, r in enumerate(genome.rungs))
+
+
+def test_greedy_removes_a_cheap_sub_block() -> None:
+    """Removing group 0 costs 0.5 for 8 units saved; every rung drop costs at least 1 per 2 units: greedy removes
+    it and keeps the rest on top rungs. Group 1 (damage 10) is never removed; without removal data nothing is."""
+    space = Space(((1, 2, 4),) * 4, limit=8, groups=((0, 1), (2, 3)), max_removed=1)
+    single = [[5.0, 1.0, 0.0]] * 4
+    assert greedy_allocate(space, single, removal=[0.5, 10.0]) == Genome((2, 2, 2, 2), frozenset({0}))
+    plain = greedy_allocate(space, single)
+    assert plain is not None and not plain.removed and space.fits(plain)
 
 
 def test_evo_finds_toy_optimum() -> None:
@@ -337,3 +351,28 @@ def test_removal_genes_assemble_and_apply_within_budget(calib_8x128: torch.Tenso
     cm = compress(str(STORIES), plan.to_recipe(), calib_8x128, progress=False)
     cm.save(tmp_path / "m")
     assert saved_size_bytes(tmp_path / "m")["size_bytes"] <= plan.cost["size_bytes"]
+
+
+@needs_shared
+def test_evo_starts_from_the_greedy_plan(calib_8x128: torch.Tensor, tmp_path: Path) -> None:
+    """With no generations the evolutionary search returns the better of its starts: at 3.0 bpw the greedy plan
+    (KL ~1) beats every fitting uniform level (2-bit, KL ~4) by far, so evo must return greedy's genome; without
+    the greedy start it can only return the uniform one."""
+    from hiercomp.budget.search import prepare_problem, run_allocator
+    from hiercomp.io.hf import load_hf_model
+
+    loaded = load_hf_model(str(STORIES))
+    levels, _ = parse_levels(LEVELS)
+    budget = parse_budget("3.0bpw")
+    problem = prepare_problem(loaded.model, budget, levels, calib_8x128, encoder=False,
+                              cache_dir=tmp_path / "cache", progress=False)
+    stages = ((1, 512), (1, 1024))
+    _, greedy, _ = run_allocator(problem, budget, "greedy", evo=EvoConfig(stages=stages), progress=False)
+    _, uniform, _ = run_allocator(problem, budget, "uniform", evo=EvoConfig(stages=stages), progress=False)
+    assert greedy != uniform
+    plan, evo, extra = run_allocator(problem, budget, "evo", progress=False,
+                                     evo=EvoConfig(generations=0, initial_random=0, stages=stages))
+    assert evo == greedy and extra["evo"]["start_from_greedy"]
+    _, evo, _ = run_allocator(problem, budget, "evo", progress=False,
+                              evo=EvoConfig(generations=0, initial_random=0, stages=stages, start_from_greedy=False))
+    assert evo == uniform

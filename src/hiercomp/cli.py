@@ -429,10 +429,12 @@ def report(dirs: tuple[str, ...], out: str, text: str | None, reference: str | N
               help="3.0bpw (bits per weight over the blocks' linear layers), 150KB / 2.5GB / 300MiB (saved "
                    "weights file; KB = 1000 B, KiB = 1024 B), or 0.25x (of the original file).")
 @click.option("--search", "search_kind", type=click.Choice(["uniform", "greedy", "evo"]), default="evo",
-              show_default=True, help="uniform: best single level; greedy: marginal KL per bit; evo: EvoPress search.")
+              show_default=True, help="uniform: best single level; greedy: marginal KL per bit; evo: EvoPress "
+                                      "search started from the uniform and greedy plans.")
 @click.option("--levels", default=None,
               help="Candidate levels, 'method:param=a,b:param=c;...', plus 'remove' to allow dropping attention/MLP "
-                   "sub-blocks (evo). Default: gptq:bits=2,3,4,5,6,8:group_size=32,128.")
+                   "sub-blocks (evo); group_size=channel is per-channel. "
+                   "Default: gptq:bits=2,3,4,5,6,8:group_size=32,128.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text (.txt, or .jsonl with --calib-field).")
 @click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")

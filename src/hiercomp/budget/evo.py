@@ -39,6 +39,10 @@ class EvoConfig:
     initial_random: int = 8  # random starts (EvoPress's non-integer target init) besides the given ones
     seed: int = 0
     depth_probability: float = 0.2  # share of mutations that remove/restore a sub-block, when removal is allowed
+    # Also start from the sensitivity-greedy plan (one single-layer measurement per layer and level, shared with
+    # --search greedy): the search then refines greedy instead of rediscovering it, so on its own fitness data it
+    # can only match or beat it. EvoPress starts from uniform alone; set False for that.
+    start_from_greedy: bool = True
 
     def fingerprint(self, space: Space, initial: list[Genome]) -> str:
         """What a checkpoint must match to be resumed (the generation count may grow)."""

@@ -3,7 +3,9 @@
 Written on the command line as ``method:param=v1,v2:param=v1`` (the product of the listed values), several
 joined by ``;``. ``remove`` lets the search also drop whole attention / MLP sub-blocks. Example::
 
-    gptq:bits=2,3,4,5,6,8:group_size=32,128;sparsegpt:sparsity=0.9;hqq:bits=3:group_size=64;remove
+    gptq:bits=2,3,4,5,6,8:group_size=32,128,channel;sparsegpt:sparsity=0.9;hqq:bits=3:group_size=64;remove
+
+``group_size=channel`` (or ``0``, as on the command line) is one scale per output row.
 
 Each candidate layer is computed once from the ORIGINAL model's activations (engine ``propagate="original"``,
 ``sequential=False``): every block reads the uncompressed blocks' outputs and every layer the uncompressed
@@ -44,7 +46,8 @@ class Level:
 
     @property
     def label(self) -> str:
-        return ":".join([self.method] + [f"{k}={v}" for k, v in self.params])
+        return ":".join([self.method] + [f"{k}={'channel' if v is None and k == 'group_size' else v}"
+                                         for k, v in self.params])
 
     def make(self) -> Method:
         return make_method(self.method, **dict(self.params))
@@ -60,7 +63,12 @@ class Level:
         return level
 
 
-def _scalar(text: str) -> Any:
+PER_CHANNEL = ("channel", "0")  # how a level spec writes group_size=None (one scale per output row), as the CLI's 0
+
+
+def _scalar(key: str, text: str) -> Any:
+    if key == "group_size" and text in PER_CHANNEL:
+        return None
     value = yaml.safe_load(text)
     return text if isinstance(value, (dict, list)) else value
 
@@ -87,7 +95,7 @@ def parse_levels(spec: str) -> tuple[list[Level], bool]:
             if not eq or not values:
                 raise HiercompError(f"cannot read {assignment!r} in level {item!r}; write param=value[,value...]")
             names.append(key.strip())
-            choices.append([_scalar(v.strip()) for v in values.split(",")])
+            choices.append([_scalar(key.strip(), v.strip()) for v in values.split(",")])
         for combo in itertools.product(*choices):
             level = Level(method, tuple(sorted(zip(names, combo))))
             level.make()  # one-line error for a bad parameter, before any work

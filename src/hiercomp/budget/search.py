@@ -176,6 +176,25 @@ def single_layer_table(problem: SearchProblem, batch: TokenBatch, progress: bool
     return tables[batch.indices]
 
 
+def removal_damages(problem: SearchProblem, batch: TokenBatch) -> list[float] | None:
+    """``damages[g]``: fitness with only sub-block group g removed (the rest original); None when the space has
+    no removal. Kept on the problem per batch, like the single-layer table."""
+    if problem.space.max_removed == 0 or not problem.groups:
+        return None
+    tables = problem.notes.setdefault("removal", {})
+    if batch.indices not in tables:
+        tables[batch.indices] = [problem.fitness_fn({}, frozenset({name}), batch)  # type: ignore[misc]
+                                 for name in problem.groups]
+        problem.evaluations += len(problem.groups)
+    return tables[batch.indices]
+
+
+def greedy_genome(problem: SearchProblem, batch: TokenBatch, progress: bool = True) -> Genome | None:
+    """The sensitivity-greedy plan from the single-layer (and, with removal, single-removal) measurements."""
+    return greedy_allocate(problem.space, single_layer_table(problem, batch, progress),
+                           removal_damages(problem, batch))
+
+
 def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: EvoConfig | None = None,
                   checkpoint: str | Path | None = None, model_name: str | None = None,
                   progress: bool = True) -> tuple[Plan, Genome, dict[str, Any]]:
@@ -201,22 +220,26 @@ def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: E
                                 "use --search greedy or evo, or raise the budget")
         genome, value, tokens = best_uniform.genome, best_uniform.fitness, batch.n_tokens
     elif search == "greedy":
-        single = single_layer_table(problem, batch, progress)
-        extra["single"] = single
-        found = greedy_allocate(problem.space, single)
+        found = greedy_genome(problem, batch, progress)
+        extra["single"] = single_layer_table(problem, batch, progress)
         if found is None:
             raise HiercompError(impossible_message(problem, budget))
         genome, tokens = found, batch.n_tokens
         value = problem.fitness(genome, batch)
     else:
         initial = [best_uniform.genome] if best_uniform is not None else []
+        if evo.start_from_greedy:
+            found = greedy_genome(problem, batch, progress)
+            if found is not None and found not in initial:
+                initial.append(found)
         result = evolve(problem.space, problem.fitness, problem.sample_batch, evo, initial, checkpoint, progress,
                         batch_tokens=lambda b: b.n_tokens)
         genome, tokens = result.genome, evo.stages[-1][1]
         value = problem.fitness(genome, batch)  # on the same batch as uniform/greedy, for a fair comparison
         history = [[row["generation"], row["fitness"]] for row in result.history]
         extra["evo"] = {"generations": evo.generations, "offspring": evo.offspring, "stages": evo.stages,
-                        "seed": evo.seed, "tokens_scored": result.tokens_scored}
+                        "seed": evo.seed, "tokens_scored": result.tokens_scored,
+                        "start_from_greedy": evo.start_from_greedy}
     if not problem.space.fits(genome):  # the invariant every allocator keeps; never write an over-budget plan
         raise HiercompError(f"internal error: the {search} plan exceeds budget {budget}")
     seconds = time.perf_counter() - start
