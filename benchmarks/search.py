@@ -187,6 +187,7 @@ def run_model(name: str) -> dict[str, Any]:
                    **{f"applied_{k}": v for k, v in reapplied(plan).items()}}
             if kind == "evo":
                 row["history"] = plan.history
+                row["kept_start"] = extra["evo"]["kept_start"]
             rows.append(row)
             print(name, budget_text, kind, {k: v for k, v in row.items() if k != "history"}, flush=True)
         # The best uniform configuration of equal or larger size: the cheapest uniform level above the budget.
@@ -204,13 +205,13 @@ def run_model(name: str) -> dict[str, Any]:
             equal = dataclasses.replace(problem, space=dataclasses.replace(problem.space,
                                                                            limit=problem.space.cost(genome)))
             t0 = time.perf_counter()
-            plan, genome, _ = run_allocator(equal, parse_budget(f"{plan.cost['bits_per_weight']:.4f}bpw"), "evo",
-                                            evo=evo, progress=True)
+            plan, genome, extra = run_allocator(equal, parse_budget(f"{plan.cost['bits_per_weight']:.4f}bpw"),
+                                                "evo", evo=evo, progress=True)
             plans["evo @ uniform ≥ size"] = (plan, genome)
             rows.append({"plan": "evo @ uniform ≥ size", "bpw": plan.cost["bits_per_weight"],
                          "bytes": plan.cost["size_bytes"], "search_fitness": plan.fitness["value"],
                          "seconds": time.perf_counter() - t0, "evaluations": plan.fitness["evaluations"],
-                         "label": "", "history": plan.history,
+                         "label": "", "history": plan.history, "kept_start": extra["evo"]["kept_start"],
                          **{f"searched_{k2}": v for k2, v in held_out(equal, genome).items()},
                          **{f"applied_{k2}": v for k2, v in reapplied(plan).items()}})
             print(name, budget_text, rows[-1]["plan"], {k: v for k, v in rows[-1].items() if k != "history"},
@@ -348,6 +349,10 @@ def verdicts(name: str, rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"- {stage}: {mine_name} {metric} {mine:.4f} ({by_plan[mine_name]['bpw']:.3f} bpw) vs "
                        f"{other} {theirs:.4f} ({by_plan[other]['bpw']:.3f} bpw): "
                        f"{mine_name} {'better' if won else 'NOT better'}")
+    for row in rows:
+        if row.get("kept_start"):
+            out.append(f"- {row['plan']}: the walk's final parent scored worse on the comparison batch than a plan it "
+                       "started from, so that start (greedy or uniform) was returned")
     return out
 
 

@@ -373,6 +373,10 @@ def test_evo_starts_from_the_greedy_plan(calib_8x128: torch.Tensor, tmp_path: Pa
     plan, evo, extra = run_allocator(problem, budget, "evo", progress=False,
                                      evo=EvoConfig(generations=0, initial_random=0, stages=stages))
     assert evo == greedy and extra["evo"]["start_from_greedy"]
+    greedy_value = problem.fitness(greedy, problem.sample_batch(1024, random.Random(7919)))
+    plan, _, _ = run_allocator(problem, budget, "evo", progress=False,
+                               evo=EvoConfig(generations=2, offspring=4, stages=stages))
+    assert plan.fitness["value"] <= greedy_value + 1e-12  # never worse than its start on the comparison batch
     _, evo, _ = run_allocator(problem, budget, "evo", progress=False,
                               evo=EvoConfig(generations=0, initial_random=0, stages=stages, start_from_greedy=False))
     assert evo == uniform

@@ -236,10 +236,17 @@ def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: E
                         batch_tokens=lambda b: b.n_tokens)
         genome, tokens = result.genome, evo.stages[-1][1]
         value = problem.fitness(genome, batch)  # on the same batch as uniform/greedy, for a fair comparison
+        # Each generation is selected on a small fresh batch, so the final parent can score worse on this batch
+        # than a plan the walk started from (search.md saw it on MiniLM); never return worse than a start.
+        kept_start = False
+        for start_genome in initial:
+            start_value = problem.fitness(start_genome, batch)
+            if start_value < value:
+                genome, value, kept_start = start_genome, start_value, True
         history = [[row["generation"], row["fitness"]] for row in result.history]
         extra["evo"] = {"generations": evo.generations, "offspring": evo.offspring, "stages": evo.stages,
                         "seed": evo.seed, "tokens_scored": result.tokens_scored,
-                        "start_from_greedy": evo.start_from_greedy}
+                        "start_from_greedy": evo.start_from_greedy, "kept_start": kept_start}
     if not problem.space.fits(genome):  # the invariant every allocator keeps; never write an over-budget plan
         raise HiercompError(f"internal error: the {search} plan exceeds budget {budget}")
     seconds = time.perf_counter() - start
