@@ -47,3 +47,13 @@ def stories_calibration(stories_tokens: torch.Tensor) -> torch.Tensor:
     half = stories_tokens[stories_tokens.numel() // 2:]
     rows = [torch.cat([torch.tensor([1]), half[i * 255:(i + 1) * 255]]) for i in range(32)]
     return torch.stack(rows)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run 3-5x faster on one torch thread (two threads spin-wait on
+    each other); modules that need it mark themselves with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

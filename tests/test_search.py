@@ -247,13 +247,7 @@ def test_plan_round_trip(tmp_path: Path) -> None:
 # -- end to end on stories260K ----------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run 3-5x faster on one thread (no spin-waiting between threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ from tests.conftest import SHARED_DATA, STORIES, needs_shared
 TASK_DATA = SHARED_DATA / "tasks"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: two threads spin-wait on each other and run ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:
