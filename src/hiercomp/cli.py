@@ -433,7 +433,7 @@ def report(dirs: tuple[str, ...], out: str, text: str | None, reference: str | N
                                       "search started from the uniform and greedy plans.")
 @click.option("--levels", default=None,
               help="Candidate levels, 'method:param=a,b:param=c;...', plus 'remove' to allow dropping attention/MLP "
-                   "sub-blocks (evo); group_size=channel is per-channel. "
+                   "sub-blocks (greedy, evo); group_size=channel is per-channel. "
                    "Default: gptq:bits=2,3,4,5,6,8:group_size=32,128.")
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text (.txt, or .jsonl with --calib-field).")
@@ -444,7 +444,7 @@ def report(dirs: tuple[str, ...], out: str, text: str | None, reference: str | N
 @click.option("--generations", type=click.IntRange(min=0), default=60, show_default=True, help="evo: generations.")
 @click.option("--offspring", type=click.IntRange(min=1), default=16, show_default=True, help="evo: children (λ).")
 @click.option("--max-removed", type=click.IntRange(min=0), default=2, show_default=True,
-              help="evo with 'remove' in --levels: at most this many sub-blocks removed.")
+              help="With 'remove' in --levels: at most this many sub-blocks removed.")
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="evo: checkpoint file, written every generation; an existing one is resumed.")
 @click.option("--cache", "cache_dir", type=click.Path(), default=None,
