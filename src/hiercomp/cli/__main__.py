@@ -1,0 +1,7 @@
+"""`python -m hiercomp.cli`."""
+
+import sys
+
+from hiercomp.cli import main
+
+sys.exit(main())

