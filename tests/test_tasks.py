@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -304,23 +305,32 @@ metric_list:
 
 @needs_shared
 def test_lm_eval_bridge_matches_our_runner_offline(tmp_path, monkeypatch):
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        pytest.skip("lm_eval is not installed (pip install 'hiercomp[lm-eval]'): the bridge cannot be tested")
     from hiercomp.io.hf import load_hf_model
-    from hiercomp.tasks.lm_eval_bridge import run_lm_eval
+    from hiercomp.tasks.lm_eval_bridge import lm_eval_available, run_lm_eval
+
+    # Skip only when the harness is genuinely absent; an install that is present but broken (a missing
+    # dependency such as accelerate) must fail here, not hide behind a skip.
+    if not lm_eval_available():
+        pytest.skip("lm_eval is not installed (pip install 'hiercomp[lm-eval]'): the bridge cannot be tested")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     rows = (TASK_DATA / "piqa_validation.jsonl").read_text().splitlines()[:12]
     (tmp_path / "piqa12.jsonl").write_text("\n".join(rows) + "\n")
     (tmp_path / "local_piqa.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "piqa12.jsonl"))
     loaded = load_hf_model(STORIES)
-    try:
-        theirs = run_lm_eval(loaded.model, loaded.tokenizer, "local_piqa", include_path=tmp_path,
-                             include_defaults=False)["local_piqa"]
-    except Exception as e:  # the harness could not run offline here: say why rather than fail
-        pytest.skip(f"lm-eval could not run the local task offline: {type(e).__name__}: {e}")
+    theirs = run_lm_eval(loaded.model, loaded.tokenizer, "local_piqa", include_path=tmp_path,
+                         include_defaults=False)["local_piqa"]
     ours = run_tasks(loaded.model, loaded.tokenizer, ["piqa"], limit=12, data_dir=TASK_DATA, progress=False)["piqa"]
     assert theirs["n"] == 12
     assert math.isclose(theirs["acc"], ours["acc"]) and math.isclose(theirs["acc_norm"], ours["acc_norm"])
+
+
+def test_broken_lm_eval_install_is_a_one_line_error(monkeypatch):
+    """lm_eval present but its HF backend unimportable (the missing-accelerate case): an error, not a traceback."""
+    from hiercomp.tasks.lm_eval_bridge import lm_eval_available, run_lm_eval
+
+    if not lm_eval_available():
+        pytest.skip("lm_eval is not installed: nothing to break")
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", None)  # import now raises ImportError
+    with pytest.raises(HiercompError, match="installed but cannot load its Hugging Face backend.*pip install"):
+        run_lm_eval(torch.nn.Linear(2, 2), None, "piqa")

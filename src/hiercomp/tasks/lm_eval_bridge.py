@@ -11,6 +11,7 @@ Results come back as ``{task: {metric: value, "n": questions}}`` like :func:`hie
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,8 @@ INSTALL_HINT = "pip install 'hiercomp[lm-eval]' (or pip install lm_eval)"
 
 
 def lm_eval_available() -> bool:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether lm-evaluation-harness is installed (not whether it imports: a broken install must fail loudly)."""
+    return importlib.util.find_spec("lm_eval") is not None
 
 
 def run_lm_eval(
@@ -47,9 +45,13 @@ def run_lm_eval(
     """
     if not lm_eval_available():
         raise HiercompError(f"--lm-eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:  # installed without what its Hugging Face backend needs (e.g. accelerate)
+        raise HiercompError(f"lm-evaluation-harness is installed but cannot load its Hugging Face backend ({err}); "
+                            f"{INSTALL_HINT}") from err
 
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     names = [n for n in names if n]
