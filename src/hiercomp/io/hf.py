@@ -93,6 +93,10 @@ def load_hf_model(
     hf_logging.disable_progress_bar()  # hiercomp shows its own progress; keep stderr for what matters
     hf_logging.set_verbosity_error()
     ref = str(ref)
+    if ref.lower().endswith(".gguf"):  # a GGUF file: transformers' own GGUF loading, dequantized to float
+        from hiercomp.io.gguf_input import load_gguf_model
+
+        return load_gguf_model(ref, dtype=dtype)
     config = load_config(ref, trust_remote_code)
     path = Path(ref).expanduser()
     if path.exists() and not any((path / f).is_file() for f in WEIGHT_FILES):
