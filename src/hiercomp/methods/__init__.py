@@ -7,5 +7,6 @@ try:  # methods that arrive in their own files register themselves on import
     from hiercomp.methods import gptq, sparsegpt  # noqa: F401
 except ImportError:  # pragma: no cover - only while a method file is being written
     pass
+from hiercomp.methods import rotate, vq  # noqa: E402, F401  (lattice codebook; rotated variants of quantizers)
 
 __all__ = ["METHODS", "LayerStats", "Method", "make_method"]
