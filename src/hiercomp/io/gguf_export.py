@@ -263,9 +263,17 @@ def _file_type(gguf: Any, qtypes: list[Any]) -> Any:
     return getattr(gguf.LlamaFileType, f"MOSTLY_{main}", gguf.LlamaFileType.ALL_F32)
 
 
+EMBED_TYPES = ("F32", "F16", "Q8_0")
+
+
 def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: bool = False,
-                prefer: str = "exact") -> ExportResult:
-    """Write the compressed folder ``path`` (a Llama-family model) as one GGUF file ``out`` for llama.cpp."""
+                prefer: str = "exact", embed_type: str | None = None) -> ExportResult:
+    """Write the compressed folder ``path`` (a Llama-family model) as one GGUF file ``out`` for llama.cpp.
+
+    ``embed_type``: the embedding (and untied output) matrix is kept in the model's float type by default, as
+    hiercomp keeps it; "F16" or "Q8_0" round it as llama.cpp's own quantized files do (the output projection
+    reads it every token: on a small model it is most of the bytes read per decoded token).
+    """
     gguf = _gguf()
     from hiercomp.api import load
     from hiercomp.hierarchy import compressed_layers
@@ -273,6 +281,8 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
 
     if prefer not in PREFER:
         raise HiercompError(f"prefer must be one of {PREFER}, got {prefer!r}")
+    if embed_type is not None and embed_type not in EMBED_TYPES:
+        raise HiercompError(f"embed_type must be one of {EMBED_TYPES}, got {embed_type!r}")
     out = Path(out)
     if out.exists() and not force:
         raise HiercompError(f"output file {out} already exists; choose another --out or pass --force to replace it")
@@ -347,7 +357,19 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
             (result.dense if enc.how.startswith(("F32", "F16")) else result.exact
              if enc.exact and result.max_abs_error[hf_name] == 0 else result.requantized)[hf_name] = enc.how
 
-        dense_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+        def embedding_tensor(name: str, tensor: torch.Tensor) -> None:
+            if embed_type in (None, "F32") or tensor.shape[1] % BLOCK:
+                dense_tensor(name, tensor)
+                return
+            enc = (_dense(tensor.detach().float(), torch.float16, "embedding") if embed_type == "F16" else
+                   _requantize(tensor.detach(), embed_type, "embedding"))
+            writer.add_tensor(name, enc.data, raw_dtype=enc.qtype)
+            qtypes.append(enc.qtype)
+            back = gguf.quants.dequantize(enc.data, enc.qtype).reshape(tensor.shape)
+            err = float(np.abs(back.astype(np.float32) - tensor.detach().float().numpy()).max())
+            result.notes.append(f"{name} stored as {embed_type} (max abs error {err:.3g})")
+
+        embedding_tensor("token_embd.weight", state["model.embed_tokens.weight"])
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}."
             for hf, short in HF_TO_GGUF.items():
@@ -359,7 +381,10 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
                     linear_tensor(f"{prefix}{hf}", f"blk.{i}.{short}.weight", rows)
         dense_tensor("output_norm.weight", state["model.norm.weight"].float())
         if not getattr(config, "tie_word_embeddings", False):
-            linear_tensor("lm_head", "output.weight", None)
+            if "lm_head" in layers:
+                linear_tensor("lm_head", "output.weight", None)
+            else:
+                embedding_tensor("output.weight", state["lm_head.weight"])
         writer.add_file_type(_file_type(gguf, qtypes))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
