@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, SHARED, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
-from hiercomp.engine import input_hessians, relative_output_error  # noqa: E402
+from hiercomp.calibration.stats import input_hessians, relative_output_error  # noqa: E402
 from hiercomp.methods import LayerStats, make_method  # noqa: E402
 
 BITS = (2, 3, 4)

@@ -157,7 +157,7 @@ def run_model(name: str) -> dict[str, Any]:
 
     def reapplied(plan: Any) -> dict[str, float]:
         model = copy.deepcopy(original)
-        compress(model, plan.to_recipe(), calib, progress=False)
+        compress(model, plan, calib, progress=False)
         return evaluate(model)
 
     first = prepare_problem(original, parse_budget(BUDGETS[0]), levels, calib, encoder=loaded.is_encoder,

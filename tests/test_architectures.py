@@ -83,11 +83,11 @@ def test_recipe_targets_and_ignore_reach_the_named_layers(tmp_path):
         {"method": "rtn", "bits": 4, "group_size": 32, "targets": ["*"], "ignore": ["*.down_proj"]},
         {"method": "rtn", "bits": 8, "targets": ["re:.*layers\\.1\\.self_attn\\.[qk]_proj"]},
     ]})
-    plan = recipe.resolve(walk(model))
+    plan = recipe.resolve(walk(model)).layers
     assert "lm_head" not in plan  # kept by default
     assert not any(name.endswith("down_proj") for name in plan)
-    assert plan["model.layers.1.self_attn.q_proj"].bits == 8
-    assert plan["model.layers.0.self_attn.q_proj"].bits == 4
+    assert dict(plan["model.layers.1.self_attn.q_proj"].params)["bits"] == 8
+    assert dict(plan["model.layers.0.self_attn.q_proj"].params)["bits"] == 4
     assert len(plan) == 2 * 6
 
 

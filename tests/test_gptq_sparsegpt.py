@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hiercomp.engine import relative_output_error
+from hiercomp.calibration.stats import relative_output_error
 from hiercomp.errors import HiercompError
 from hiercomp.methods import METHODS, LayerStats, make_method
 from hiercomp.methods.gptq import gptq_quantize

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hiercomp
-from hiercomp.engine import input_hessians, relative_output_error
+from hiercomp.calibration.stats import input_hessians, relative_output_error
 from hiercomp.errors import HiercompError
 from hiercomp.layers import HLQLinear, LowRankLinear, QuantizedLinear, build_layer
 from hiercomp.layers.hlq import hlq_values

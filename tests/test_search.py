@@ -233,9 +233,8 @@ def test_plan_round_trip(tmp_path: Path) -> None:
     assert again.to_yaml() == plan.to_yaml()
     text = path.read_text()
     assert "model.layers.0.mlp.up_proj: {method: gptq, bits: 2, group_size: 32}" in text
-    recipe = again.to_recipe()
-    assert recipe.remove == ("model.layers.1.mlp",)
-    assert sorted(t for r in recipe.rules for t in r.targets) == sorted(plan.layers)
+    assert again.removed == ["model.layers.1.mlp"]
+    assert sorted(again.kept_layers()) == sorted(plan.layers)  # neither layer lies in the removed sub-block
     (tmp_path / "bad.yaml").write_text("layers: {x: {method: gptq, bits: 11}}\n")
     with pytest.raises(HiercompError, match="layer x"):
         Plan.load(tmp_path / "bad.yaml")
@@ -267,7 +266,7 @@ LEVELS = "gptq:bits=2,3:group_size=32,128;rtn:bits=4,8:group_size=128"
 
 @needs_shared
 def test_impossible_budget_names_smallest_size(calib_8x128: torch.Tensor, tmp_path: Path) -> None:
-    from hiercomp.budget.search import search
+    from hiercomp.api import search
 
     with pytest.raises(HiercompError, match=r"smallest reachable size is 2\.\d+bpw"):
         search(str(STORIES), "1.0bpw", calibration=calib_8x128, levels="rtn:bits=2,3:group_size=64",
@@ -277,7 +276,7 @@ def test_impossible_budget_names_smallest_size(calib_8x128: torch.Tensor, tmp_pa
 @needs_shared
 def test_search_then_compress_stays_within_budget(calib_8x128: torch.Tensor, tmp_path: Path) -> None:
     from hiercomp.api import saved_size_bytes
-    from hiercomp.budget.search import search
+    from hiercomp.api import search
     from hiercomp.cli import main
 
     cache = tmp_path / "cache"
@@ -342,7 +341,7 @@ def test_removal_genes_assemble_and_apply_within_budget(calib_8x128: torch.Tenso
     plan.check(loaded.model)
     with pytest.raises(HiercompError, match="does not have"):
         Plan({"model.layers.9.mlp.up_proj": levels[0]}).check(loaded.model)
-    cm = compress(str(STORIES), plan.to_recipe(), calib_8x128, progress=False)
+    cm = compress(str(STORIES), plan, calib_8x128, progress=False)
     cm.save(tmp_path / "m")
     assert saved_size_bytes(tmp_path / "m")["size_bytes"] <= plan.cost["size_bytes"]
 

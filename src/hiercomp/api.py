@@ -10,12 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from hiercomp.engine import CompressionReport, compress_model
+from hiercomp.calibration import CalibrationConfig, calibration_tokens
+from hiercomp.compression_report import CompressionReport
+from hiercomp.engine import compress_model
 from hiercomp.errors import HiercompError
-from hiercomp.hierarchy import walk
-from hiercomp.io.hf import LoadedModel, is_compressed_dir, load_hf_model
+from hiercomp.hierarchy import compressed_layers, walk
+from hiercomp.io.atomic import check_output_dir
+from hiercomp.io.hf import LoadedModel, as_loaded, is_compressed_dir, load_hf_model
 from hiercomp.io.saved import WEIGHTS_FILE, load_compressed, read_meta, safetensors_header_bytes, save_compressed
-from hiercomp.recipe import Recipe
+from hiercomp.plan import Plan
+from hiercomp.recipe import Recipe, load_yaml
 
 
 @dataclass
@@ -25,10 +29,11 @@ class CompressedModel:
     model: nn.Module
     tokenizer: Any
     is_encoder: bool
-    recipe: Recipe | None
+    recipe: Recipe | None  # the patterns the user wrote, when compressed from a recipe (saved as recipe.yaml)
     report: CompressionReport
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None  # what was done to every layer (saved as plan.yaml)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -48,80 +53,153 @@ class CompressedModel:
         return dense + self.report.compressed_bits / 8
 
     def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write the folder atomically: weights, config, tokenizer, hiercomp.json, plan.yaml (+ recipe.yaml)."""
         meta = {"source": self.source, "is_encoder": self.is_encoder, "report": self.report.to_dict(),
                 "recipe": None if self.recipe is None else self.recipe.to_dict(),
+                "plan": None if self.plan is None else self.plan.to_dict(),
                 "accounted_bytes": self.accounted_bytes(), **self.extra}
-        from hiercomp.anysize import stack_meta
+        if any(layer.kind == "bitstack" for layer in compressed_layers(self.model).values()):
+            from hiercomp.anysize import stack_meta
 
-        meta.update(stack_meta(self.model))  # BitStack: the global block order, for loading at a budget
-        return save_compressed(self.model, out, tokenizer=self.tokenizer,
-                               recipe_yaml=None if self.recipe is None else self.recipe.to_yaml(),
-                               meta=meta, force=force)
+            meta.update(stack_meta(self.model))  # BitStack: the global block order, for loading at a budget
+        files = {}
+        if self.plan is not None:
+            files["plan.yaml"] = self.plan.to_yaml()
+        if self.recipe is not None:
+            files["recipe.yaml"] = self.recipe.to_yaml()
+        return save_compressed(self.model, out, tokenizer=self.tokenizer, files=files, meta=meta, force=force)
 
 
-def _as_loaded(model_or_path: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> LoadedModel:
-    if isinstance(model_or_path, LoadedModel):
-        return model_or_path
-    if isinstance(model_or_path, nn.Module):
-        from hiercomp.io.hf import is_encoder_config
-
-        return LoadedModel(model_or_path, tokenizer, is_encoder_config(model_or_path.config),
-                           getattr(model_or_path.config, "_name_or_path", "") or "<in memory>")
-    return load_hf_model(model_or_path, trust_remote_code=trust_remote_code)
+def _plan_from(what: Any, model: nn.Module) -> tuple[Plan, Recipe | None]:
+    """A Plan (and the recipe it came from, if any) from a Recipe, a Plan, a dict or a YAML file of either."""
+    if isinstance(what, (str, Path)):
+        path = Path(what)
+        data = load_yaml(path, "recipe or plan")
+        what, source = data, str(path)
+    else:
+        source = "recipe"
+    if isinstance(what, dict):
+        what = Plan.from_dict(what, source) if "layers" in what else Recipe.from_dict(what, source)
+    if isinstance(what, Plan):
+        what.check(model, source)
+        return what, None
+    if isinstance(what, Recipe):
+        return what.resolve(walk(model)), what
+    raise HiercompError(f"cannot compress by a {type(what).__name__}; pass a Recipe, a Plan or a YAML file")
 
 
 def compress(
     model_or_path: Any,
-    recipe: Recipe | str | Path | dict,
-    calibration: torch.Tensor | Any = None,
+    recipe: Recipe | Plan | str | Path | dict | None = None,
+    calibration: torch.Tensor | CalibrationConfig | str | Path | None = None,
     *,
+    budget: str | None = None,
+    search: str = "evo",
+    levels: str | None = None,
+    evo: Any = None,
+    cache_dir: str | Path | None = None,
+    drop: int = 0,
+    drop_unit: str = "block",
+    drop_rule: str = "position",
+    recovery: Any = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    force: bool = False,
     tokenizer: Any = None,
     propagate: str = "compressed",
     sequential: bool = True,
     batch_size: int = 8,
     progress: bool = True,
     trust_remote_code: bool = False,
-    recovery: Any = None,
 ) -> CompressedModel:
-    """Compress a model (a Hugging Face folder, hub id, or an already loaded model) following ``recipe``.
+    """Compress a model (a Hugging Face folder, hub id, or an already loaded model) and, with ``out``, save it.
 
-    ``calibration`` is a (N, L) tensor of token ids, or a :class:`hiercomp.calibration.CalibrationConfig`
-    (loaded with the model's tokenizer). A model passed as a module is compressed in place.
-    The recipe's ``remove`` units go first; with ``recovery`` (a :class:`hiercomp.depth.RecoveryConfig`) the
-    blocks after the first removed one are distilled against the original before the rest is compressed.
+    Say what to do with one of: ``recipe`` (a :class:`Recipe`, a :class:`Plan`, a dict or a YAML file of either),
+    ``budget`` ("3.0bpw", "150KB", "0.25x": a plan is searched first with ``search`` over ``levels``), and/or
+    ``drop`` (depth pruning: remove that many ``drop_unit`` units chosen by ``drop_rule`` first; ``recovery``, a
+    :class:`hiercomp.depth.RecoveryConfig`, distils the later blocks afterwards).
+    ``calibration``: a text file, a :class:`CalibrationConfig` or an ``(N, L)`` token tensor; every route uses
+    the same default windows (:data:`hiercomp.calibration.DEFAULT_NUM_SEQUENCES` of min(512, context) tokens).
+    ``out`` is checked before any work and written atomically at the end (``force`` replaces it).
+    A model passed as a module is compressed in place.
     """
-    loaded = _as_loaded(model_or_path, tokenizer, trust_remote_code)
-    if isinstance(recipe, (str, Path)):
-        recipe = Recipe.load(recipe)
-    elif isinstance(recipe, dict):
-        recipe = Recipe.from_dict(recipe)
-    if calibration is not None and not isinstance(calibration, torch.Tensor):
-        from hiercomp.calibration import load_calibration
+    if out is not None:
+        check_output_dir(out, force)  # fail before the work
+    if budget is not None and recipe is not None:
+        raise HiercompError("give a recipe/plan or a budget, not both")
+    if budget is None and recipe is None and not drop:
+        raise HiercompError("say what to do: a method (--method NAME; `hiercomp methods` lists them), a recipe, "
+                            "a plan, a budget or --drop N")
+    if recovery is not None and not drop and recipe is None:
+        raise HiercompError("recovery (--recover-steps) distils the blocks after a removal: add --drop N "
+                            "(drop=N) or a recipe with 'remove:'")
+    if budget is not None:
+        from hiercomp.budget import parse_budget
 
-        max_len = getattr(loaded.model.config, "max_position_embeddings", None)
-        calibration = load_calibration(loaded.tokenizer, calibration, max_len=max_len)
-    depth_facts: dict[str, Any] = {}
-    if recipe.remove:  # depth pruning first, so the engine compresses only (recovered) remaining layers
-        from hiercomp.depth import apply_removals
+        parse_budget(budget)  # a malformed budget fails before the model loads
+    loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
+    calibration = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
+    recipe_obj: Recipe | None = None
+    if budget is not None:
+        plan = _search(loaded, budget, calibration, search=search, levels=levels, evo=evo, seed=seed,
+                       cache_dir=cache_dir, progress=progress).plan
+    elif recipe is not None:
+        plan, recipe_obj = _plan_from(recipe, loaded.model)
+    else:
+        plan = Plan({})
+    if drop:  # depth pruning: score and choose the units now, so the saved plan names them
+        from hiercomp.depth.plan import choose_drops
 
-        depth_facts = apply_removals(loaded.model, recipe.remove, calibration, recovery,
-                                     encoder=loaded.is_encoder, progress=progress)
-    hierarchy = walk(loaded.model)
-    plan = recipe.resolve(hierarchy)
-    if not plan and not recipe.remove:
+        plan.removed = list(dict.fromkeys([*plan.removed, *choose_drops(
+            loaded.model, calibration, drop, drop_unit, drop_rule, encoder=loaded.is_encoder, seed=seed,
+            progress=progress)]))
+    if recovery is not None and not plan.removed:
+        raise HiercompError("recovery (--recover-steps) distils the blocks after a removal, and this plan removes "
+                            "nothing: add --drop N (drop=N) or a recipe with 'remove:'")
+    if not plan.kept_layers() and not plan.removed:
         raise HiercompError("the recipe matches no layer of this model; "
                             "check its targets against `hiercomp info MODEL`")
+    depth_facts: dict[str, Any] = {}
+    if plan.removed:  # depth pruning first, so the engine compresses only (recovered) remaining layers
+        from hiercomp.depth import apply_removals
+
+        depth_facts = apply_removals(loaded.model, plan.removed, calibration, recovery,
+                                     encoder=loaded.is_encoder, progress=progress)
     report = CompressionReport()
-    if plan:
+    if plan.kept_layers():
         report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
-                                sequential=sequential, batch_size=batch_size, progress=progress,
-                                hierarchy=hierarchy)
-    return CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe, report, loaded.source,
-                           extra=depth_facts)
+                                sequential=sequential, batch_size=batch_size, progress=progress)
+    cm = CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe_obj, report, loaded.source,
+                         extra=depth_facts, plan=plan)
+    if out is not None:
+        cm.save(out, force=force)
+    return cm
+
+
+def model_context(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _search(loaded: LoadedModel, budget: str, calibration: torch.Tensor | None, *, search: str = "evo",
+            levels: str | None = None, evo: Any = None, seed: int = 0, cache_dir: str | Path | None = None,
+            max_removed: int = 2, checkpoint: str | Path | None = None, progress: bool = True) -> Any:
+    from hiercomp.budget.evo import EvoConfig
+    from hiercomp.budget.levels import DEFAULT_LEVELS
+    from hiercomp.budget.search import search as run_search
+
+    if calibration is None:
+        raise HiercompError("a search needs calibration text: pass --calib FILE (.txt or .jsonl)")
+    outcome = run_search(loaded, budget, calibration=calibration, search=search, levels=levels or DEFAULT_LEVELS,
+                         evo=evo or EvoConfig(seed=seed), cache_dir=cache_dir, max_removed=max_removed,
+                         checkpoint=checkpoint, progress=progress)
+    return outcome
 
 
 def load(path: str | Path, budget: str | int | float | None = None) -> CompressedModel:
-    """Load a folder written by :meth:`CompressedModel.save`.
+    """Load a folder written by :meth:`CompressedModel.save`, from its own files alone.
+
+    Each layer is rebuilt from its saved config (the layer registry), and the plan and recipe are kept as
+    written, never re-made through the method registry: a folder loads whatever methods this hiercomp has.
 
     ``budget`` (a BitStack model only): ``"120KB"`` (KB = 1000 bytes, KiB = 1024), bytes as a number, or
     ``"3.0bpw"``; loads the longest prefix of the global block stack whose saved size fits (see
@@ -140,29 +218,47 @@ def load(path: str | Path, budget: str | int | float | None = None) -> Compresse
 
         model, info = load_budget(path, info, budget)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception:  # a model saved without tokenizer files
         tokenizer = None
-    recipe = Recipe.from_dict(info["recipe"]) if info.get("recipe") else None
     report = CompressionReport.from_dict(info.get("report", {}))
-    cm = CompressedModel(model, tokenizer, info.get("is_encoder", False), recipe, report,
-                         info.get("source", str(path)))
+    plan = Plan.from_dict(info["plan"], str(path), validate=False) if info.get("plan") else None
+    cm = CompressedModel(model, tokenizer, info.get("is_encoder", False), None, report,
+                         info.get("source", str(path)), plan=plan)
+    if info.get("recipe"):
+        cm.extra["recipe"] = info["recipe"]  # as written; kept on re-save
     if budget is not None:
         cm.extra["loaded"] = info["loaded"]
     cm.extra.update({k: info[k] for k in ("removed", "recovery") if k in info})  # depth pruning, kept on re-save
     return cm
 
 
-def search(model_or_path: Any, budget: str, calibration: Any, **options: Any) -> Any:
+def search(
+    model_or_path: Any, budget: str, calibration: Any, *, search: str = "evo", levels: str | None = None,
+    evo: Any = None, seed: int = 0, cache_dir: str | Path | None = None, max_removed: int = 2,
+    checkpoint: str | Path | None = None, out: str | Path | None = None, pictures: bool = True,
+    tokenizer: Any = None, progress: bool = True, trust_remote_code: bool = False,
+) -> Plan:
     """Find a per-layer plan that fits ``budget`` ("3.0bpw", "150KB", "0.25x"); compress nothing. Returns a Plan.
 
-    Options: ``search`` ("uniform" | "greedy" | "evo"), ``levels``, ``evo`` (EvoConfig), ``cache_dir``,
-    ``checkpoint``, ``out`` (plan YAML + PNGs) — see :func:`hiercomp.budget.search.search`. Apply the plan with
-    ``compress(model, plan.to_recipe(), calibration)``.
+    ``search``: "uniform" | "greedy" | "evo"; ``levels``: a level spec (see :mod:`hiercomp.budget.levels`);
+    ``out``: write the plan YAML there (and, with ``pictures``, allocation and quality-vs-size PNGs beside it).
+    Apply the plan with ``compress(model, plan, calibration)``; calibration defaults are those of compress.
     """
-    from hiercomp.budget.search import search as run_search
+    from hiercomp.budget import parse_budget
 
-    return run_search(model_or_path, budget, calibration=calibration, **options)
+    parse_budget(budget)
+    loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
+    tokens = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
+    outcome = _search(loaded, budget, tokens, search=search, levels=levels, evo=evo, seed=seed,
+                      cache_dir=cache_dir, max_removed=max_removed, checkpoint=checkpoint, progress=progress)
+    if out is not None:
+        outcome.plan.save(out)
+        if pictures:
+            from hiercomp.report.search_pictures import write_pictures
+
+            write_pictures(outcome, out)
+    return outcome.plan
 
 
 def load_any(ref: str | Path, trust_remote_code: bool = False) -> CompressedModel:

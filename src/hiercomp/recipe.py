@@ -15,7 +15,8 @@ YAML form::
     remove: [model.layers.3.mlp]  # optional: attention/MLP sub-blocks or whole blocks removed first
                                   # (hiercomp.depth); their layers are gone, the rules act on the rest
 
-A recipe resolves, against a model's hierarchy, into a per-layer assignment: the plan the engine runs.
+A recipe resolves, against a model's hierarchy, into a :class:`~hiercomp.plan.Plan` (exact layer names), which
+the engine runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import yaml
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import ModelHierarchy
 from hiercomp.methods import Method, make_method
+from hiercomp.plan import MethodConfig, Plan
 
 DEFAULT_IGNORE = ("lm_head", "*pooler*")
 
@@ -92,14 +94,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise HiercompError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise HiercompError(f"recipe file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(load_yaml(path, "recipe"), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ignore": list(self.ignore), "rules": [r.to_dict() for r in self.rules]}
@@ -110,16 +105,17 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def resolve(self, hierarchy: ModelHierarchy) -> dict[str, Method]:
-        """Layer name -> method, for every linear layer a rule reaches and no ignore pattern protects."""
-        plan: dict[str, Method] = {}
+    def resolve(self, hierarchy: ModelHierarchy) -> Plan:
+        """The plan: every linear layer a rule reaches and no ignore pattern protects, with the last matching
+        rule's method config; the recipe's removals."""
+        layers: dict[str, MethodConfig] = {}
         for lin in hierarchy.linears:
             if any(matches(lin.name, p) for p in self.ignore):
                 continue
             for rule in self.rules:
                 if rule.applies_to(lin.name):
-                    plan[lin.name] = rule.method
-        return plan
+                    layers[lin.name] = MethodConfig.of(rule.method)
+        return Plan(layers, list(self.remove))
 
 
 def _patterns(value: Any, source: str, rule_index: int) -> tuple[str, ...]:
@@ -129,3 +125,21 @@ def _patterns(value: Any, source: str, rule_index: int) -> tuple[str, ...]:
         where = {-1: "top-level ignore", -2: "top-level remove"}.get(rule_index, f"rule {rule_index + 1}")
         raise HiercompError(f"{source}: {where} needs a list of name patterns")
     return tuple(value)
+
+
+MAX_YAML_BYTES = 16 * 1024 * 1024  # a recipe or plan is a few KB; never read a device or a huge file whole
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """A recipe or plan file's data, with one-line errors: missing, not a regular file, too large, not YAML, or
+    carrying Python tags (which ``safe_load`` refuses: nothing from a file is ever executed)."""
+    path = Path(path)
+    if not path.exists():
+        raise HiercompError(f"{what} file {path} does not exist")
+    if not path.is_file() or path.stat().st_size > MAX_YAML_BYTES:
+        raise HiercompError(f"{what} file {path} is not a regular file under {MAX_YAML_BYTES // 2**20} MiB")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise HiercompError(f"{what} file {path} is not valid YAML ({first}); fix it or write it again") from None

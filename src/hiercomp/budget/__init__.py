@@ -6,12 +6,11 @@
     space.py    the abstract search space: per-layer cost ladders, a budget limit, genomes
     fitness.py  KL (or cosine) of an assembled model to the original on a token batch
     uniform.py / greedy.py / evo.py   the allocators, each returning a genome -> Plan
-    plan.py     Plan <-> YAML a person can edit; Plan -> Recipe for `hiercomp compress --plan`
     search.py   the orchestration behind `hiercomp search` and :func:`hiercomp.search`
 """
 
 from hiercomp.budget.budget import Budget, SizeModel, parse_budget
-from hiercomp.budget.levels import Level, parse_levels
-from hiercomp.budget.plan import Plan
+from hiercomp.budget.levels import parse_levels
+from hiercomp.plan import MethodConfig, Plan
 
-__all__ = ["Budget", "Level", "Plan", "SizeModel", "parse_budget", "parse_levels"]
+__all__ = ["Budget", "MethodConfig", "Plan", "SizeModel", "parse_budget", "parse_levels"]

@@ -51,8 +51,10 @@ def tokens_fingerprint(tokens: torch.Tensor) -> str:
     return hashlib.sha256(f"{tuple(data.shape)}|".encode() + data.numpy().tobytes()).hexdigest()
 
 
-def level_key(model_fp: str, tokens_fp: str, level_label: str, layers: list[str]) -> str:
-    text = json.dumps([CACHE_VERSION, model_fp, tokens_fp, level_label, sorted(layers)])
+def level_key(model_fp: str, tokens_fp: str, level_params: dict[str, Any], layers: list[str]) -> str:
+    """``level_params``: the method's full config, defaults and algorithm version included
+    (:meth:`hiercomp.plan.MethodConfig.full_params`), so a changed default never reuses stale candidates."""
+    text = json.dumps([CACHE_VERSION, model_fp, tokens_fp, level_params, sorted(layers)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

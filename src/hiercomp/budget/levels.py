@@ -1,4 +1,4 @@
-"""Candidate levels: what a layer may become (a registered method with fixed parameters).
+"""Candidate levels: what a layer may become — a :class:`~hiercomp.plan.MethodConfig`, the type a plan holds.
 
 Written on the command line as ``method:param=v1,v2:param=v1`` (the product of the listed values), several
 joined by ``;``. ``remove`` lets the search also drop whole attention / MLP sub-blocks. Example::
@@ -31,36 +31,11 @@ from hiercomp.budget.cache import LevelCache, level_key, tokens_fingerprint
 from hiercomp.engine import compress_model
 from hiercomp.errors import HiercompError
 from hiercomp.layers import CompressedLinear
-from hiercomp.methods import METHODS, Method, make_method
+from hiercomp.methods import METHODS
+from hiercomp.plan import MethodConfig, Plan
 
 DEFAULT_LEVELS = "gptq:bits=2,3,4,5,6,8:group_size=32,128"
 REMOVE = "remove"
-
-
-@dataclass(frozen=True)
-class Level:
-    """One way to compress a layer: a method name and its parameters (the rest at the method's defaults)."""
-
-    method: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        return ":".join([self.method] + [f"{k}={'channel' if v is None and k == 'group_size' else v}"
-                                         for k, v in self.params])
-
-    def make(self) -> Method:
-        return make_method(self.method, **dict(self.params))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dict(self.params)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Level:
-        params = {k: v for k, v in data.items() if k != "method"}
-        level = cls(data["method"], tuple(sorted(params.items())))
-        level.make()  # validates the method and its parameters
-        return level
 
 
 PER_CHANNEL = ("channel", "0")  # how a level spec writes group_size=None (one scale per output row), as the CLI's 0
@@ -73,9 +48,9 @@ def _scalar(key: str, text: str) -> Any:
     return text if isinstance(value, (dict, list)) else value
 
 
-def parse_levels(spec: str) -> tuple[list[Level], bool]:
+def parse_levels(spec: str) -> tuple[list[MethodConfig], bool]:
     """Levels from ``method:param=a,b:param=c;...`` (see the module docstring) and whether ``remove`` was asked for."""
-    levels: list[Level] = []
+    levels: list[MethodConfig] = []
     allow_remove = False
     for item in (part.strip() for part in spec.replace("\n", ";").split(";")):
         if not item:
@@ -86,7 +61,7 @@ def parse_levels(spec: str) -> tuple[list[Level], bool]:
         method, *assignments = item.split(":")
         if method not in METHODS:
             raise HiercompError(f"unknown method {method!r} in --levels; choose from {', '.join(sorted(METHODS))}")
-        if callable(getattr(METHODS[method], "prepare_group", None)):
+        if METHODS[method].transforms_groups:
             raise HiercompError(f"{method} rewrites the layers around each one (it folds scales into the norm "
                                 "before them), so its layers cannot be mixed one by one; leave it out of --levels")
         names, choices = [], []
@@ -97,7 +72,7 @@ def parse_levels(spec: str) -> tuple[list[Level], bool]:
             names.append(key.strip())
             choices.append([_scalar(key.strip(), v.strip()) for v in values.split(",")])
         for combo in itertools.product(*choices):
-            level = Level(method, tuple(sorted(zip(names, combo))))
+            level = MethodConfig(method, tuple(sorted(zip(names, combo))))
             level.make()  # one-line error for a bad parameter, before any work
             if level not in levels:
                 levels.append(level)
@@ -126,7 +101,7 @@ def candidate_of(name: str, layer: CompressedLinear, rel_output_error: float | N
 def build_candidates(
     model: nn.Module,
     layers: list[str],
-    levels: list[Level],
+    levels: list[MethodConfig],
     calibration: torch.Tensor,
     *,
     encoder: bool,
@@ -143,13 +118,12 @@ def build_candidates(
     summary: dict[str, Any] = {"levels": [], "seconds": 0.0}
     start = time.perf_counter()
     for level in tqdm(levels, desc="candidate levels", unit="level", disable=not progress):
-        key = level_key(model_fingerprint, tokens_fp, level.label, layers)
+        key = level_key(model_fingerprint, tokens_fp, level.full_params(), layers)
         cached = cache.load(key) if cache is not None else None
         if cached is None:
             work = copy.deepcopy(model)
-            method = level.make()
             try:
-                report = compress_model(work, dict.fromkeys(layers, method), calibration, encoder=encoder,
+                report = compress_model(work, Plan.uniform(layers, level), calibration, encoder=encoder,
                                         propagate="original", sequential=False, progress=False)
             except HiercompError as err:
                 raise HiercompError(f"level {level.label}: {err}") from None

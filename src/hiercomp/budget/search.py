@@ -4,7 +4,7 @@
 2. every level's candidate layers come from the on-disk database (levels.py, cache.py);
 3. each layer gets a *ladder*: the levels sorted by that layer's cost; removable sub-blocks become groups;
 4. the allocator (uniform, greedy or evo) picks rungs on the abstract space (space.py);
-5. the chosen genome becomes a :class:`~hiercomp.budget.plan.Plan` with its exact cost and fitness history.
+5. the chosen genome becomes a :class:`~hiercomp.plan.Plan` with its exact cost and fitness history.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from hiercomp.budget.cache import LevelCache, model_fingerprint
 from hiercomp.budget.evo import EvoConfig, evolve
 from hiercomp.budget.fitness import Fitness, TokenBatch
 from hiercomp.budget.greedy import greedy_allocate
-from hiercomp.budget.levels import DEFAULT_LEVELS, Candidate, Level, build_candidates, parse_levels
-from hiercomp.budget.plan import Plan
+from hiercomp.budget.levels import DEFAULT_LEVELS, Candidate, build_candidates, parse_levels
 from hiercomp.budget.space import Genome, Space
 from hiercomp.budget.uniform import uniform_allocate
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import walk
+from hiercomp.plan import MethodConfig, Plan
 
 SEARCHES = ("uniform", "greedy", "evo")
 
@@ -39,7 +39,7 @@ class SearchProblem:
     """A model's layers and candidates laid out as an abstract :class:`Space` in the budget's unit."""
 
     layers: list[str]
-    levels: list[Level]
+    levels: list[MethodConfig]
     candidates: list[dict[str, Candidate]]
     size: SizeModel
     unit: str  # "bits" | "bytes"
@@ -52,8 +52,8 @@ class SearchProblem:
     notes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, layers: list[str], levels: list[Level], candidates: list[dict[str, Candidate]], size: SizeModel,
-              budget: Budget, subblocks: list[Any] = (), max_removed: int = 0) -> SearchProblem:
+    def build(cls, layers: list[str], levels: list[MethodConfig], candidates: list[dict[str, Candidate]],
+              size: SizeModel, budget: Budget, subblocks: list[Any] = (), max_removed: int = 0) -> SearchProblem:
         unit, limit = size.limit(budget)
 
         def cost(c: Candidate) -> int:
@@ -131,7 +131,7 @@ def impossible_message(problem: SearchProblem, budget: Budget) -> str:
 
 
 def prepare_problem(
-    model: nn.Module, budget: Budget, levels: list[Level], calibration: torch.Tensor, *, encoder: bool,
+    model: nn.Module, budget: Budget, levels: list[MethodConfig], calibration: torch.Tensor, *, encoder: bool,
     allow_remove: bool = False, max_removed: int = 2, cache_dir: str | Path | None = None, progress: bool = True,
 ) -> SearchProblem:
     """Everything a search needs: the candidate database (built or read from the cache) and the abstract space."""
@@ -256,70 +256,40 @@ def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: E
     return plan, genome, extra
 
 
-def write_pictures(problem: SearchProblem, plan_path: str | Path, genome: Genome, plan: Plan,
-                   extra: dict[str, Any]) -> list[Path]:
-    """Per-layer allocation and quality vs size (uniform ladder + this plan), as PNG beside the plan file."""
-    from hiercomp.report.plots import layer_allocation, quality_vs_size
+@dataclass
+class SearchOutcome:
+    """What a search found (the plan) and what it looked at, for the pictures (hiercomp.report.search_pictures)."""
 
-    plan_path = Path(plan_path)
-    stem = plan_path.with_suffix("")
-    metric = plan.fitness.get("metric", "kl")
-    series: dict[str, list[tuple[float, float]]] = {}
-    labels: dict[str, list[str]] = {}
-    uniform = [p for p in extra.get("uniform_points", []) if p.fitness is not None]
-    if uniform:
-        series["uniform"] = [(problem.totals(p.genome)["size_bytes"], p.fitness) for p in uniform]
-        labels["uniform"] = [p.label.replace("gptq:", "") for p in uniform]
-    series[f"{plan.search} ({plan.budget})"] = [(plan.cost["size_bytes"], plan.fitness["value"])]
-    out = [layer_allocation(problem.allocation_rows(genome), f"{stem}.allocation.png",
-                            title=f"{plan.search} plan at {plan.budget}"),
-           quality_vs_size(series, f"{stem}.quality_vs_size.png", ylabel=metric, labels=labels,
-                           title=f"{metric} vs saved size")]
-    return out
+    plan: Plan
+    problem: SearchProblem
+    genome: Genome
+    extra: dict[str, Any]
 
 
 def search(
-    model: Any,
+    loaded: Any,
     budget: str | Budget,
     *,
-    calibration: Any,
+    calibration: torch.Tensor,
     search: str = "evo",
-    levels: str | list[Level] = DEFAULT_LEVELS,
+    levels: str | list[MethodConfig] = DEFAULT_LEVELS,
     max_removed: int = 2,
     evo: EvoConfig | None = None,
     cache_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
-    out: str | Path | None = None,
-    pictures: bool = True,
-    tokenizer: Any = None,
     progress: bool = True,
-) -> Plan:
-    """Find a plan for ``model`` (HF folder, hub id or loaded model) that fits ``budget``; nothing is compressed.
-
-    ``calibration``: a (N, L) token tensor or a :class:`~hiercomp.calibration.CalibrationConfig`; the same tokens
-    build the candidates and score the search. ``levels``: a level spec (see :mod:`hiercomp.budget.levels`;
-    ``;remove`` lets evo drop up to ``max_removed`` attention/MLP sub-blocks). ``out``: write the plan YAML there
-    (and, with ``pictures``, the allocation and quality-vs-size PNGs beside it).
+) -> SearchOutcome:
+    """Find a plan for a loaded model (:class:`hiercomp.io.hf.LoadedModel`) that fits ``budget``; nothing is
+    compressed. ``calibration``: (N, L) tokens; the same tokens build the candidates and score the search.
+    ``levels``: a level spec (see :mod:`hiercomp.budget.levels`; ``;remove`` lets the search drop up to
+    ``max_removed`` attention/MLP sub-blocks). :func:`hiercomp.search` is the user's entry (it loads, reads the
+    calibration text and writes the plan and pictures).
     """
-    from hiercomp.api import _as_loaded
-
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     level_list, allow_remove = parse_levels(levels) if isinstance(levels, str) else (list(levels), False)
-    loaded = _as_loaded(model, tokenizer)
-    if calibration is None:
-        raise HiercompError("a search needs calibration text: pass --calib FILE (.txt or .jsonl)")
-    if not isinstance(calibration, torch.Tensor):
-        from hiercomp.calibration import load_calibration
-
-        calibration = load_calibration(loaded.tokenizer, calibration,
-                                       max_len=getattr(loaded.model.config, "max_position_embeddings", None))
     problem = prepare_problem(loaded.model, budget, level_list, calibration, encoder=loaded.is_encoder,
                               allow_remove=allow_remove, max_removed=max_removed, cache_dir=cache_dir,
                               progress=progress)
     plan, genome, extra = run_allocator(problem, budget, search, evo=evo, checkpoint=checkpoint,
                                         model_name=loaded.source, progress=progress)
-    if out is not None:
-        plan.save(out)
-        if pictures:
-            write_pictures(problem, out, genome, plan, extra)
-    return plan
+    return SearchOutcome(plan, problem, genome, extra)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -33,7 +32,7 @@ from hiercomp.errors import HiercompError
               help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
 @click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option("--calib-n", default=128, show_default=True, help="Number of calibration sequences.")
+@click.option("--calib-n", default=None, type=int, help="Number of calibration sequences (default 128).")
 @click.option("--calib-len", default=None, type=int, help="Tokens per sequence (default min(512, model context)).")
 @click.option("--propagate", type=click.Choice(["compressed", "original"]), default="compressed", show_default=True,
               help="Feed each block the outputs of the compressed (default) or original earlier blocks.")
@@ -67,7 +66,7 @@ from hiercomp.errors import HiercompError
 def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
              group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
              pattern: str | None, rank: int | None, extra_params: tuple[str, ...],
-             calib: str | None, calib_field: str, calib_n: int, calib_len: int | None,
+             calib: str | None, calib_field: str, calib_n: int | None, calib_len: int | None,
              propagate: str, no_sequential: bool, seed: int, force: bool, trust_remote_code: bool,
              json_out: str | None, quiet: bool, drop: int = 0, drop_unit: str = "block", drop_rule: str = "position",
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
@@ -78,74 +77,36 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
     """
     from hiercomp.api import compress as run_compress
-    from hiercomp.calibration import CalibrationConfig, load_calibration
-    from hiercomp.io.atomic import check_output_dir
-    from hiercomp.io.hf import load_hf_model
+    from hiercomp.calibration import DEFAULT_NUM_SEQUENCES, CalibrationConfig
 
-    check_output_dir(out, force)  # fail before any work
     recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
                                       pattern, rank, extra_params)
     if (plan_file or budget) and (recipe_obj is not None or drop):
         raise HiercompError("give one of --plan, --budget, --method/--recipe/--drop, not several")
-    if recipe_obj is None and not drop and not plan_file and not budget:
-        raise HiercompError("say what to do: --method NAME (`hiercomp methods` lists them) or --recipe FILE")
-    loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
-    calibration = None
-    if calib is not None:
-        context = getattr(loaded.model.config, "max_position_embeddings", None) or 512
-        length = calib_len or min(512, context)
-        calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, length, seed, calib_field),
-                                       max_len=context)
-    plan_obj = None
-    if plan_file or budget:  # a plan: from a file, or searched now for the budget (then applied sequentially)
-        plan_obj = _plan_for_compress(loaded, plan_file, budget, search_kind, levels, generations, cache_dir,
-                                      calibration, seed, quiet)
-        recipe_obj = plan_obj.to_recipe()
     recovery = None
-    if drop:  # depth pruning: score and choose the units now, so the recipe saved with the model names them
-        from hiercomp.depth.plan import with_drops
-
-        recipe_obj = with_drops(recipe_obj, loaded.model, calibration, drop, drop_unit, drop_rule,
-                                encoder=loaded.is_encoder, seed=seed, progress=not quiet)
     if recover_steps:
         from hiercomp.depth import RecoveryConfig
 
-        if not recipe_obj.remove:
-            raise HiercompError("--recover-steps recovers from depth pruning: add --drop N (or a recipe 'remove:')")
         recovery = RecoveryConfig(steps=recover_steps, seed=seed)
-    cm = run_compress(loaded, recipe_obj, calibration, propagate=propagate, sequential=not no_sequential,
-                      progress=not quiet, recovery=recovery)
-    cm.extra["calibration"] = None if calib is None else {"file": str(calib), "n": calib_n, "seed": seed}
-    if plan_obj is not None:
-        cm.extra["plan"] = plan_obj.to_dict()
-    cm.save(out, force=force)
-    if plan_obj is not None:
-        plan_obj.save(Path(out) / "plan.yaml")
+    evo = None
+    if budget is not None:
+        from hiercomp.budget.evo import EvoConfig
+
+        evo = EvoConfig(seed=seed) if generations is None else EvoConfig(generations=generations, seed=seed)
+    calibration = None if calib is None else CalibrationConfig(calib, calib_n or DEFAULT_NUM_SEQUENCES, calib_len,
+                                                                seed, calib_field)
+    cm = run_compress(model, plan_file or recipe_obj, calibration, budget=budget, search=search_kind, levels=levels,
+                      evo=evo, cache_dir=cache_dir, drop=drop, drop_unit=drop_unit, drop_rule=drop_rule,
+                      recovery=recovery, seed=seed, out=out, force=force, propagate=propagate,
+                      sequential=not no_sequential, progress=not quiet, trust_remote_code=trust_remote_code)
+    if budget is not None and cm.plan is not None:
+        click.echo(f"plan ({search_kind}, {budget}): {cm.plan.cost['bits_per_weight']:.4f} bits per weight, "
+                   f"{cm.plan.cost['size_bytes']:.0f} bytes, {cm.plan.fitness['metric']} "
+                   f"{cm.plan.fitness['value']:.5f}")
     _print_summary(cm, out)
     if cm.extra.get("removed"):
         click.echo("removed: " + ", ".join(r["name"] for r in cm.extra["removed"]))
     write_json(cm.report.to_dict(), json_out)
-
-
-def _plan_for_compress(loaded: Any, plan_file: str | None, budget: str | None, search_kind: str,
-                       levels: str | None, generations: int | None, cache_dir: str | None, calibration: Any,
-                       seed: int, quiet: bool) -> Any:
-    from hiercomp.budget import Plan
-
-    if plan_file:
-        plan = Plan.load(plan_file)
-        plan.check(loaded.model, plan_file)
-        return plan
-    from hiercomp.budget.evo import EvoConfig
-    from hiercomp.budget.levels import DEFAULT_LEVELS
-    from hiercomp.budget.search import search as run_search
-
-    evo = EvoConfig(seed=seed) if generations is None else EvoConfig(generations=generations, seed=seed)
-    plan = run_search(loaded, budget, calibration=calibration, search=search_kind, levels=levels or DEFAULT_LEVELS,
-                      evo=evo, cache_dir=cache_dir, progress=not quiet)
-    click.echo(f"plan ({search_kind}, {budget}): {plan.cost['bits_per_weight']:.4f} bits per weight, "
-               f"{plan.cost['size_bytes']:.0f} bytes, {plan.fitness['metric']} {plan.fitness['value']:.5f}")
-    return plan
 
 
 def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,

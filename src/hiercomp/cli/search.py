@@ -22,7 +22,8 @@ from hiercomp.cli._common import CONTEXT
 @click.option("--calib", type=click.Path(), required=True,
               help="Calibration text (.txt, or .jsonl with --calib-field).")
 @click.option("--calib-field", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option("--calib-n", default=64, show_default=True, help="Number of calibration sequences.")
+@click.option("--calib-n", default=128, show_default=True,
+              help="Number of calibration sequences (the same default as compress).")
 @click.option("--calib-len", default=None, type=int, help="Tokens per sequence (default min(512, model context)).")
 @click.option("--out", required=True, type=click.Path(), help="Plan YAML to write (PNG pictures go beside it).")
 @click.option("--generations", type=click.IntRange(min=0), default=60, show_default=True, help="evo: generations.")
@@ -45,23 +46,19 @@ def search_cmd(model: str, budget: str, search_kind: str, levels: str | None, ca
 
     Apply it with `hiercomp compress MODEL --plan PLAN --calib ... --out DIR`.
     """
+    from hiercomp.api import search as run_search
     from hiercomp.budget import parse_budget, parse_levels
     from hiercomp.budget.evo import EvoConfig
     from hiercomp.budget.levels import DEFAULT_LEVELS
-    from hiercomp.budget.search import search as run_search
-    from hiercomp.calibration import CalibrationConfig, load_calibration
-    from hiercomp.io.hf import load_hf_model
+    from hiercomp.calibration import CalibrationConfig
 
     parse_budget(budget)  # bad input fails before the model loads
     parse_levels(levels or DEFAULT_LEVELS)
-    loaded = load_hf_model(model, trust_remote_code=trust_remote_code)
-    context = getattr(loaded.model.config, "max_position_embeddings", None) or 512
-    calibration = load_calibration(loaded.tokenizer, CalibrationConfig(calib, calib_n, calib_len or min(512, context),
-                                                                       seed, calib_field), max_len=context)
-    evo = EvoConfig(generations=generations, offspring=offspring, seed=seed)
-    plan = run_search(loaded, budget, calibration=calibration, search=search_kind, levels=levels or DEFAULT_LEVELS,
-                      max_removed=max_removed, evo=evo, cache_dir=cache_dir, checkpoint=checkpoint, out=out,
-                      pictures=not no_pictures, progress=not quiet)
+    plan = run_search(model, budget, CalibrationConfig(calib, calib_n, calib_len, seed, calib_field),
+                      search=search_kind, levels=levels, evo=EvoConfig(generations=generations, offspring=offspring,
+                                                                        seed=seed),
+                      max_removed=max_removed, cache_dir=cache_dir, checkpoint=checkpoint, out=out,
+                      pictures=not no_pictures, progress=not quiet, trust_remote_code=trust_remote_code)
     removed = f", removed {', '.join(plan.removed)}" if plan.removed else ""
     click.echo(f"wrote {out}: {plan.cost['bits_per_weight']:.4f} bits per weight, {plan.cost['size_bytes']:.0f} "
                f"bytes saved size, {plan.fitness['metric']} {plan.fitness['value']:.5f} on "

@@ -1,8 +1,6 @@
-"""`hiercomp compress --drop N`: score the candidate units, choose N by a rule, add them to the recipe."""
+"""`hiercomp compress --drop N`: score the candidate units and choose N by a rule (the plan then removes them)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from torch import nn
@@ -10,11 +8,9 @@ from torch import nn
 from hiercomp.depth.scoring import RemovalScore, choose_removals, score_removals, units_of_kind
 from hiercomp.depth.subblocks import list_subblocks
 from hiercomp.errors import HiercompError
-from hiercomp.recipe import Recipe
 
 
-def with_drops(
-    recipe: Recipe | None,
+def choose_drops(
     model: nn.Module,
     calibration: torch.Tensor | None,
     n: int,
@@ -24,8 +20,8 @@ def with_drops(
     encoder: bool = False,
     seed: int = 0,
     progress: bool = True,
-) -> Recipe:
-    """``recipe`` (or an empty one) with ``n`` more units to remove, chosen by ``rule`` among ``unit`` units."""
+) -> list[str]:
+    """The names of ``n`` units to remove, chosen by ``rule`` among ``unit`` units."""
     candidates = units_of_kind(list_subblocks(model), unit)
     if rule == "random":  # no scoring needed: a seeded draw
         scores = [RemovalScore(u, float("nan")) for u in candidates]
@@ -35,7 +31,4 @@ def with_drops(
                                 "(or use --drop-rule random)")
         scores = score_removals(model, calibration, candidates, encoder=encoder, progress=progress)
     n_blocks = 1 + max((u.block_index for u in list_subblocks(model) if u.kind == "block"), default=0)
-    names = choose_removals(scores, n, rule, seed=seed, n_blocks=n_blocks)
-    if recipe is None:
-        return Recipe((), remove=tuple(names))
-    return dataclasses.replace(recipe, remove=tuple(dict.fromkeys((*recipe.remove, *names))))
+    return list(choose_removals(scores, n, rule, seed=seed, n_blocks=n_blocks))

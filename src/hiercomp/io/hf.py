@@ -123,3 +123,13 @@ def load_hf_model(
     check_finite(model, ref)
     model.eval()
     return LoadedModel(model, tokenizer, encoder, ref)
+
+
+def as_loaded(model_or_path: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> LoadedModel:
+    """A :class:`LoadedModel` from a folder / hub id (loaded), an ``nn.Module`` (wrapped) or a LoadedModel."""
+    if isinstance(model_or_path, LoadedModel):
+        return model_or_path
+    if isinstance(model_or_path, nn.Module):
+        return LoadedModel(model_or_path, tokenizer, is_encoder_config(model_or_path.config),
+                           getattr(model_or_path.config, "_name_or_path", "") or "<in memory>")
+    return load_hf_model(model_or_path, trust_remote_code=trust_remote_code)

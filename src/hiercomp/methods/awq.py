@@ -242,6 +242,7 @@ class AWQ(Method):
     needs_hessian = True  # the clipping search weighs errors by E[x xᵀ]
     needs_calibration = True
     propagate_original: ClassVar[bool] = True  # the engine feeds each block the original model's activations
+    transforms_groups: ClassVar[bool] = True  # scales are searched per stage group and folded (prepare_group)
 
     bits: int = 4
     group_size: int | None = 128
@@ -263,6 +264,9 @@ class AWQ(Method):
     @property
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.symmetric)
+
+    def group_tokens(self) -> int:
+        return self.n_tokens
 
     def prepare_group(
         self, block: nn.Module, positions: list[str], inputs: Callable[[], torch.Tensor],

@@ -7,10 +7,12 @@ statistics it needs so that the engine gathers only those (a Hessian is in x in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from hiercomp.errors import HiercompError
 from hiercomp.layers import CompressedLinear
@@ -48,6 +50,26 @@ class Method:
     name: ClassVar[str] = ""
     needs_hessian: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
+    # Bumped when the algorithm changes what it produces: the search's candidate cache keys on it, so a changed
+    # method never reuses stale candidates.
+    version: ClassVar[int] = 1
+    # The engine feeds each block the ORIGINAL model's activations when every method of a plan asks for it (AWQ).
+    propagate_original: ClassVar[bool] = False
+    # Methods with a block-level step (AWQ's scale folding) set this and implement ``prepare_group``; such layers
+    # cannot be mixed one by one by the search (the fold reaches into the layer before them).
+    transforms_groups: ClassVar[bool] = False
+
+    def prepare_group(
+        self, block: nn.Module, positions: list[str], inputs: Callable[[], torch.Tensor],
+        run_module: Callable[[str], torch.Tensor],
+    ) -> str | None:
+        """Rewrite a stage group of the still-float ``block`` before its layers are compressed (see
+        :func:`hiercomp.engine.compress_model`). Returns a note on what was done, or None."""
+        return None
+
+    def group_tokens(self) -> int:
+        """Calibration tokens (whole sequences) that ``prepare_group`` is given."""
+        return 4096
 
     def compress(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, layer: str, origin: str

@@ -1,6 +1,9 @@
-"""Plans: the per-layer choice a search made, as YAML a person can read, edit and re-apply.
+"""The Plan: what happens to every node of the model — layer name -> method config, plus removed sub-blocks.
 
-Example (``hiercomp search`` writes this; every key but ``layers`` is optional when writing one by hand)::
+One type for one idea. A recipe (patterns, see :mod:`hiercomp.recipe`) *resolves* to a Plan against a model;
+the budget search *produces* a Plan; the engine *executes* a Plan; a saved folder keeps the Plan it was made
+with as ``plan.yaml``. YAML round-trips (``hiercomp search`` writes it; every key but ``layers`` is optional when
+writing one by hand)::
 
     hiercomp_plan: 1
     model: ../shared/data/models/stories260K/hf
@@ -13,13 +16,13 @@ Example (``hiercomp search`` writes this; every key but ``layers`` is optional w
       model.layers.0.self_attn.k_proj: {method: gptq, bits: 3, group_size: 128}
       ...
     remove: [model.layers.4.mlp]       # attention / MLP sub-blocks dropped (names as hiercomp.depth lists them)
+    kv: snapkv:ratio=0.5+kivi:bits=2   # the KV-cache spec to run with (hiercomp.kv), when there is one
     history: [[0, 0.061], [1, 0.058], ...]   # [generation, fitness]
 
-:meth:`Plan.to_recipe` turns it into an ordinary recipe with one exact-name rule per group of identically
-compressed layers, so ``hiercomp compress MODEL --plan plan.yaml`` runs the normal *sequential* engine (each
-block sees the already-compressed blocks' outputs). The search scored candidates computed from the original
-model's activations, so the re-applied model's layers are not bit-identical to the searched ones (usually a
-little better); their storage, and so the budget, is identical — it depends only on shapes and levels.
+A searched plan scored candidates computed from the original model's activations; executing it runs the normal
+*sequential* engine (each block sees the already-compressed blocks' outputs), so the applied layers are not
+bit-identical to the searched ones (usually a little better); their storage, and so the budget, is identical —
+it depends only on shapes and configs.
 """
 
 from __future__ import annotations
@@ -30,17 +33,56 @@ from typing import Any
 
 import yaml
 
-from hiercomp.budget.levels import Level
 from hiercomp.errors import HiercompError
-from hiercomp.recipe import Recipe, Rule
+from hiercomp.methods import Method, make_method
 
 PLAN_VERSION = 1
-_KEYS = {"hiercomp_plan", "model", "budget", "search", "cost", "fitness", "layers", "remove", "history", "notes"}
+_KEYS = {"hiercomp_plan", "model", "budget", "search", "cost", "fitness", "layers", "remove", "kv", "history",
+         "notes"}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One way to compress a layer: a registered method's name and its parameters (the rest at its defaults).
+
+    Hashable, so identical configs compare equal (the search's candidate levels are MethodConfigs too)."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.method] + [f"{k}={'channel' if v is None and k == 'group_size' else v}"
+                                         for k, v in self.params])
+
+    def make(self) -> Method:
+        return make_method(self.method, **dict(self.params))
+
+    def full_params(self) -> dict[str, Any]:
+        """Every parameter, defaults included, and the method's algorithm version: what a cache key must hold,
+        so a changed default or algorithm never reuses stale results."""
+        method = self.make()
+        return {"method": self.method, "version": type(method).version, **method.params()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], validate: bool = True) -> MethodConfig:
+        params = {k: v for k, v in data.items() if k != "method"}
+        config = cls(str(data["method"]), tuple(sorted(params.items())))
+        if validate:
+            config.make()  # validates the method and its parameters (one-line errors)
+        return config
+
+    @classmethod
+    def of(cls, method: Method) -> MethodConfig:
+        return cls(method.name, tuple(sorted(method.params().items())))
 
 
 @dataclass
 class Plan:
-    layers: dict[str, Level]
+    layers: dict[str, MethodConfig]
     removed: list[str] = field(default_factory=list)
     budget: str | None = None
     search: str | None = None
@@ -49,6 +91,7 @@ class Plan:
     fitness: dict[str, Any] = field(default_factory=dict)
     history: list[list[float]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # anything else a search wants to keep (not re-read)
+    kv: str | None = None  # the KV-cache spec to run with (hiercomp.kv.parse), when the plan spans the cache
 
     # -- YAML --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +106,8 @@ class Plan:
         out["layers"] = {name: level.to_dict() for name, level in self.layers.items()}
         if self.removed:
             out["remove"] = list(self.removed)
+        if self.kv:
+            out["kv"] = self.kv
         if self.history:
             out["history"] = [[_plain(v) for v in row] for row in self.history]
         if self.notes:
@@ -82,7 +127,9 @@ class Plan:
         return path
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "plan") -> Plan:
+    def from_dict(cls, data: Any, source: str = "plan", validate: bool = True) -> Plan:
+        """``validate=False`` (reading a saved folder's plan) does not ask the method registry, so a folder stays
+        readable whatever methods this hiercomp has."""
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise HiercompError(f"{source}: a plan needs a 'layers:' mapping of layer name -> "
                                 "{method: ..., params} (see the README's 'Budgets and search')")
@@ -98,7 +145,7 @@ class Plan:
             if not isinstance(raw, dict) or "method" not in raw:
                 raise HiercompError(f"{source}: layer {name} needs {{method: ..., <params>}}")
             try:
-                layers[str(name)] = Level.from_dict(raw)
+                layers[str(name)] = MethodConfig.from_dict(raw, validate)
             except HiercompError as err:
                 raise HiercompError(f"{source}: layer {name}: {err}") from None
         removed = data.get("remove") or []
@@ -106,18 +153,14 @@ class Plan:
             raise HiercompError(f"{source}: 'remove' must be a list of sub-block names")
         return cls(layers, list(removed), _str_or_none(data.get("budget")), data.get("search"), data.get("model"),
                    dict(data.get("cost") or {}), dict(data.get("fitness") or {}),
-                   [list(row) for row in data.get("history") or []], dict(data.get("notes") or {}))
+                   [list(row) for row in data.get("history") or []], dict(data.get("notes") or {}),
+                   _str_or_none(data.get("kv")))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise HiercompError(f"plan file {path} does not exist; write one with `hiercomp search`")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise HiercompError(f"plan file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        return cls.from_dict(data, str(path))
+        from hiercomp.recipe import load_yaml
+
+        return cls.from_dict(load_yaml(path, "plan"), str(path))
 
     # -- to the engine -----------------------------------------------------------------------------
     def check(self, model: Any, source: str = "plan") -> None:
@@ -130,15 +173,35 @@ class Plan:
             raise HiercompError(f"{source} names {len(unknown)} layer(s) this model does not have, e.g. {unknown[0]}; "
                                 "was it searched on another model?")
 
-    def to_recipe(self) -> Recipe:
-        """One rule per distinct level, aimed at its layers by exact name; removed sub-blocks as ``remove``."""
+    def kept_layers(self) -> dict[str, MethodConfig]:
+        """The layers to compress: those not inside a removed sub-block."""
         gone = tuple(f"{name}." for name in self.removed)
-        by_level: dict[Level, list[str]] = {}
-        for name, level in self.layers.items():
-            if not (name + ".").startswith(gone):
-                by_level.setdefault(level, []).append(name)
-        rules = tuple(Rule(level.make(), tuple(names)) for level, names in by_level.items())
-        return Recipe(rules, (), tuple(self.removed))
+        return {name: config for name, config in self.layers.items() if not (name + ".").startswith(gone)}
+
+    def methods(self) -> dict[str, Method]:
+        """Layer name -> method instance, one instance per distinct config (what the engine runs)."""
+        made: dict[MethodConfig, Method] = {}
+        out: dict[str, Method] = {}
+        for name, config in self.kept_layers().items():
+            if config not in made:
+                made[config] = config.make()
+            out[name] = made[config]
+        return out
+
+    @classmethod
+    def uniform(cls, layers: list[str], method: Method | MethodConfig, removed: list[str] | None = None) -> Plan:
+        config = method if isinstance(method, MethodConfig) else MethodConfig.of(method)
+        return cls(dict.fromkeys(layers, config), list(removed or []))
+
+    def summary(self) -> str:
+        """One line a person reads: each method config with its layer count, and the removals."""
+        counts: dict[str, int] = {}
+        for config in self.kept_layers().values():
+            counts[config.label] = counts.get(config.label, 0) + 1
+        parts = [f"{label} x{n}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        if self.removed:
+            parts.append(f"{len(self.removed)} removed")
+        return ", ".join(parts) or "nothing"
 
 
 def _plain(value: Any) -> Any:

@@ -33,7 +33,7 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,10 @@ import torch
 from hiercomp.errors import HiercompError
 
 __all__ = [
+    "DEFAULT_NUM_SEQUENCES",
+    "DEFAULT_SEQ_LEN",
     "CalibrationConfig",
+    "calibration_tokens",
     "EOT_MARKER",
     "HUB_PREFIX",
     "TEXT_ALIASES",
@@ -65,13 +68,19 @@ _BLANK_LINES = re.compile(r"\n(?:[ \t\f\v]*\n)+")
 _HUB_SPEC = re.compile(r"([^:\[\]]+)(?::([^:\[\]]+))?:([^:\[\]]+(?:\[[^\]]*\])?)")
 
 
+# The one calibration default, for every route to a model (compress, search, compress --budget): 128 windows of
+# min(512, model context) tokens.
+DEFAULT_NUM_SEQUENCES = 128
+DEFAULT_SEQ_LEN = 512
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where the calibration text comes from and how many windows of what length to draw from it."""
 
     source: str  # path to .txt / .jsonl, or "hf:<dataset>[:<config>]:<split>" for online users
-    num_sequences: int = 128
-    seq_len: int = 512
+    num_sequences: int = DEFAULT_NUM_SEQUENCES
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's context)
     seed: int = 0
     field: str = "text"  # JSONL (or dataset) field holding the text
     add_bos: bool = True  # prepend the tokenizer's BOS when it has one
@@ -235,6 +244,8 @@ def load_calibration(tokenizer: Any, config: CalibrationConfig, max_len: int | N
     ``max_len`` is the model context; a longer ``seq_len`` is an error. See the module docstring for
     the protocol.
     """
+    if config.seq_len is None:
+        config = replace(config, seq_len=min(DEFAULT_SEQ_LEN, max_len or DEFAULT_SEQ_LEN))
     _check_config(config, max_len)
     source = str(config.source)
     if source.startswith(HUB_PREFIX):
@@ -269,3 +280,19 @@ def load_calibration(tokenizer: Any, config: CalibrationConfig, max_len: int | N
     if bos is not None:
         windows = torch.cat([torch.full((n_rows, 1), bos, dtype=torch.int64), windows], dim=1)
     return windows.contiguous()
+
+
+def calibration_tokens(tokenizer: Any, calibration: Any, context: int | None) -> torch.Tensor | None:
+    """Token windows from whatever the caller has: ``None``, a ``(N, L)`` tensor (used as is), a
+    :class:`CalibrationConfig`, or a path / ``hf:`` spec (read with the defaults). ``context`` is the model's."""
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    if isinstance(calibration, (str, Path)):
+        calibration = CalibrationConfig(str(calibration))
+    if not isinstance(calibration, CalibrationConfig):
+        raise HiercompError(f"calibration must be a text file, a CalibrationConfig or a token tensor, got "
+                            f"{type(calibration).__name__}")
+    if tokenizer is None:
+        raise HiercompError("calibration text needs the model's tokenizer; pass tokenizer=... or a model folder "
+                            "that has one")
+    return load_calibration(tokenizer, calibration, max_len=context)
