@@ -36,6 +36,8 @@ FOLDED = {
     "bert": {"attention.output.dense"},  # post-LN: q/k/v and intermediate read the residual; GELU before output
 }
 CONFIGS = [(3, 32), (4, 32), (3, 64), (4, 64)]
+# Tiny models on the shared 2-core machine: one torch thread is several times faster (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_family(family: str) -> tuple[torch.nn.Module, bool]:
@@ -138,17 +140,21 @@ def eval_text() -> str:
 
 
 @pytest.fixture(scope="module")
-def stories_runs(stories_model, stories_calibration, eval_text):
-    """RTN and AWQ at each (bits, group size) on the same calibration tokens: the report and the perplexity."""
-    runs = {}
-    for bits, group in CONFIGS:
-        for method in ("rtn", "awq"):
+def stories_run(stories_model, stories_calibration):
+    """``stories_run(bits, group, method)``: RTN or AWQ at one (bits, group size) on the same calibration tokens,
+    compressed on first use and kept for the module. Each test pays only for the models it reads, inside its own
+    time limit, so one slow compression fails one test instead of every test sharing an 8-model fixture."""
+    runs: dict[tuple[int, int, str], hiercomp.CompressedModel] = {}
+
+    def get(bits: int, group: int, method: str) -> hiercomp.CompressedModel:
+        if (bits, group, method) not in runs:
             loaded = LoadedModel(copy.deepcopy(stories_model.model), stories_model.tokenizer, False, str(STORIES))
-            cm = hiercomp.compress(loaded, Recipe.single(method, bits=bits, group_size=group), stories_calibration,
-                                   propagate="original", sequential=False, progress=False)
-            ppl = perplexity(cm.model, cm.tokenizer, eval_text, seq_len=256, max_windows=100, progress=False)
-            runs[bits, group, method] = (cm, ppl.perplexity)
-    return runs
+            runs[bits, group, method] = hiercomp.compress(
+                loaded, Recipe.single(method, bits=bits, group_size=group), stories_calibration,
+                propagate="original", sequential=False, progress=False)
+        return runs[bits, group, method]
+
+    return get
 
 
 @needs_shared
@@ -173,9 +179,8 @@ def test_awq_scaling_alone_leaves_stories260k_unchanged(monkeypatch, stories_mod
 
 @needs_shared
 @pytest.mark.parametrize("bits,group", CONFIGS)
-def test_awq_layer_errors_are_below_rtn_on_stories260k(stories_runs, bits, group):
-    awq, _ = stories_runs[bits, group, "awq"]
-    rtn, _ = stories_runs[bits, group, "rtn"]
+def test_awq_layer_errors_are_below_rtn_on_stories260k(stories_run, bits, group):
+    awq, rtn = stories_run(bits, group, "awq"), stories_run(bits, group, "rtn")
     awq_err = {r.name: r.rel_output_error for r in awq.report.layers}
     rtn_err = {r.name: r.rel_output_error for r in rtn.report.layers}
     assert awq_err.keys() == rtn_err.keys()
@@ -192,16 +197,18 @@ def test_awq_layer_errors_are_below_rtn_on_stories260k(stories_runs, bits, group
 
 @needs_shared
 @pytest.mark.parametrize("bits,group", CONFIGS)
-def test_awq_perplexity_is_below_rtn_on_stories260k(stories_runs, bits, group):
-    awq_ppl, rtn_ppl = stories_runs[bits, group, "awq"][1], stories_runs[bits, group, "rtn"][1]
+def test_awq_perplexity_is_below_rtn_on_stories260k(stories_run, eval_text, bits, group):
+    awq_ppl, rtn_ppl = (perplexity(stories_run(bits, group, m).model, stories_run(bits, group, m).tokenizer,
+                                   eval_text, seq_len=256, max_windows=100, progress=False).perplexity
+                        for m in ("awq", "rtn"))
     print(f"\nstories260K {bits}-bit g{group}: perplexity awq {awq_ppl:.3f} rtn {rtn_ppl:.3f}")
     assert awq_ppl < rtn_ppl
-    assert stories_runs[bits, group, "awq"][0].report.settings["propagate"] == "original"
+    assert stories_run(bits, group, "awq").report.settings["propagate"] == "original"
 
 
 @needs_shared
-def test_awq_save_load_is_bit_exact(tmp_path, stories_runs, stories_calibration):
-    cm, _ = stories_runs[3, 32, "awq"]
+def test_awq_save_load_is_bit_exact(tmp_path, stories_run, stories_calibration):
+    cm = stories_run(3, 32, "awq")
     ids = stories_calibration[:4]
     with torch.no_grad():
         before = cm.model(ids).logits
