@@ -287,3 +287,46 @@ def test_minilm_cosine_with_itself_and_squad_recall_at_1(minilm):
 
     recall = retrieval_recall_at_1(model, tok, questions, contexts, gold, progress=False)
     assert 0.80 <= recall <= 0.90  # measured 0.840 (168 / 200)
+
+
+# ------------------------------------------------------------------------------- every input before the work
+@pytest.mark.parametrize("case, fragment", [
+    ("missing_text", "missing.txt does not exist"),
+    ("task_data", "data file arc_easy_test.jsonl of task arc_easy not found"),
+    ("unknown_task", "unknown task 'nosuchtask'"),
+    ("squad", "SQuAD file"),
+    ("reference", "nope does not exist"),
+    ("lm_eval_folder", "lm-eval task folder"),
+])
+def test_every_input_is_checked_before_any_model_is_loaded(tmp_path, monkeypatch, capsys, case, fragment):
+    """A mistake in any input is a one-line error in seconds, before perplexity and KL (the model is never even
+    loaded here: loading raises)."""
+    import hiercomp.evaluation
+    from hiercomp.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(hiercomp.evaluation, "load_any", no_model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HIERCOMP_DATA_DIR", raising=False)
+    good = tmp_path / "held_out.txt"
+    good.write_text("Once upon a time there was a cat. " * 40)
+    args = {"missing_text": ["--text", tmp_path / "missing.txt", "--tasks", "piqa"],
+            "task_data": ["--text", good, "--tasks", "piqa,arc_easy", "--data-dir", tmp_path],
+            "unknown_task": ["--text", good, "--tasks", "nosuchtask"],
+            "squad": ["--squad", tmp_path / "squad.jsonl"],
+            "reference": ["--text", good, "--kl-against", tmp_path / "nope"],
+            "lm_eval_folder": ["--text", good, "--lm-eval", "piqa", "--lm-eval-include", tmp_path / "none"]}[case]
+    if case == "task_data":  # piqa's data is there, arc_easy's is not: the second task still fails first
+        (tmp_path / "piqa_validation.jsonl").write_text(json.dumps(
+            {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n")
+    if case == "lm_eval_folder":
+        from hiercomp.tasks.lm_eval_bridge import lm_eval_available
+
+        if not lm_eval_available():
+            pytest.skip("lm_eval is not installed: its check is the install hint instead")
+    code = main(["eval", str(tmp_path / "model")] + [str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert fragment in err, err

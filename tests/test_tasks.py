@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hiercomp.errors import HiercompError
 from hiercomp.tasks import (
     compare_to_reference,
+    difference_interval,
     disagreements,
     load_examples,
     load_spec,
@@ -124,7 +125,9 @@ def test_runner_accuracy_from_hand_scores(tiny, tmp_path):
                for c in choices]
         hits += int(np.argmax(lls)) == row["label"]
         hits_norm += int(np.argmax(np.array(lls) / [len(c) for c in choices])) == row["label"]
+    items = result.pop("items")  # each question's score, for the paired verdicts
     assert result == {"acc": hits / 2, "acc_norm": hits_norm / 2, "n": 2, "truncated": 0}
+    assert sum(items["acc"]) == hits and sum(items["acc_norm"]) == hits_norm and len(items["acc"]) == 2
 
 
 def test_long_prompt_is_truncated_and_counted(tiny, tmp_path):
@@ -201,6 +204,46 @@ def test_disagreements_and_probes_on_constructed_results():
     assert disagreements(agree) == [] and probe_verdicts(agree) == {"open_book": "worse"}
 
 
+def test_a_difference_inside_its_interval_is_within_noise_not_worse():
+    """30 near-chance questions: 0.60 -> 0.50 is beyond 5% but its paired 95% interval includes 0."""
+    rng = np.random.default_rng(1)
+    original_items = (rng.random(30) < 0.6).astype(float)
+    flipped = original_items.copy()
+    flipped[np.flatnonzero(original_items)[:3]] = 0.0  # three right answers become wrong
+    original = {"acc": original_items.mean(), "n": 30, "items": {"acc": original_items.tolist()}}
+    compressed = {"acc": flipped.mean(), "n": 30, "items": {"acc": flipped.tolist()}}
+    low, high = difference_interval(original, compressed, "acc")
+    assert low < 0 <= high and math.isclose(compressed["acc"] - original["acc"], -0.1)
+    out = compare_to_reference({"tasks": {"piqa": compressed}}, {"piqa": original})
+    assert out["verdicts"]["piqa"] == {"acc": "within noise"} and out["intervals"]["piqa"]["acc"] == [low, high]
+    # The same drop on 3000 questions (paired, 300 flipped) is real: worse.
+    big_items = np.tile(original_items, 100)
+    big_flipped = np.tile(flipped, 100)
+    big = compare_to_reference({"tasks": {"piqa": {"acc": big_flipped.mean(), "n": 3000,
+                                                   "items": {"acc": big_flipped.tolist()}}}},
+                               {"piqa": {"acc": big_items.mean(), "n": 3000, "items": {"acc": big_items.tolist()}}})
+    assert big["verdicts"]["piqa"] == {"acc": "worse"} and big["intervals"]["piqa"]["acc"][1] < 0
+    # Without per-question scores (an lm-eval or older result) the interval is unpaired, from n: still noise.
+    bare = {k: v for k, v in compressed.items() if k != "items"}
+    assert compare_to_reference({"tasks": {"piqa": bare}}, {"piqa": original})["verdicts"]["piqa"]["acc"] == \
+        "within noise"
+    # A probe with a noisy metric is no better than "within noise"; "worse" still wins.
+    assert probe_verdicts({"squad": {"f1": "matches", "contains": "within noise"}}) == {
+        "open_book": "matches", "in_context_retrieval": "within noise"}
+
+
+def test_eval_prints_intervals_and_probe_verdicts_on_the_console():
+    from hiercomp.cli.eval import _task_lines
+
+    result = {"tasks": {"squad": {"f1": 0.5, "n": 30}}, "reference_tasks": {"squad": {"f1": 0.6, "n": 30}},
+              "verdicts": {"perplexity": "matches", "squad": {"f1": "within noise"}},
+              "intervals": {"squad": {"f1": [-0.25, 0.05]}},
+              "probes": {"open_book": "within noise"}}
+    text = "\n".join(_task_lines(result))
+    assert "diff -0.1000 [-0.250, +0.050]  within noise" in text
+    assert "probe open_book" in text and text.count("within noise") >= 2
+
+
 # --- bad specs and data: one line naming the spec file and line --------------------------------------------------
 
 def one_line_error(spec: Path, call) -> str:
@@ -266,7 +309,7 @@ def test_stories260k_runs_shipped_tasks_via_env(monkeypatch):
     loaded = load_hf_model(STORIES)
     results = run_tasks(loaded.model, loaded.tokenizer, ["copa", "lambada", "squad"], limit=3, progress=False)
     assert results["copa"]["n"] == 3 and 0 <= results["copa"]["acc"] <= 1
-    assert set(results["squad"]) == {"exact_match", "f1", "contains", "n", "truncated"}
+    assert set(results["squad"]) == {"exact_match", "f1", "contains", "n", "truncated", "items"}
     again = run_tasks(loaded.model, loaded.tokenizer, ["copa", "lambada", "squad"], limit=3, progress=False)
     assert again == results  # deterministic
 

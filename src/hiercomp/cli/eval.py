@@ -71,21 +71,32 @@ def _print_eval(result: dict[str, Any]) -> None:
 
 
 def _task_lines(result: dict[str, Any]) -> list[str]:
-    """One line per task metric (with the original's score and the verdict when there is a reference)."""
+    """One line per task metric; with a reference, the original's score, the difference with its 95% interval and
+    the verdict; then the knowledge-probe verdicts and where perplexity and the tasks disagree."""
     from hiercomp.tasks import COUNT_KEYS
 
     verdicts, reference = result.get("verdicts", {}), result.get("reference_tasks", {})
+    intervals = result.get("intervals", {})
     lines = [f"{'verdict':<17}perplexity {verdicts['perplexity']}"] if "perplexity" in verdicts else []
     for source in ("tasks", "lm_eval"):
         for task, scores in result.get(source, {}).items():
             counts = f"n={scores.get('n', '?')}" + (f", {scores['truncated']} truncated" if scores.get("truncated")
                                                     else "")
             for metric, value in scores.items():
-                if metric in COUNT_KEYS:
+                if metric in COUNT_KEYS or not isinstance(value, (int, float)):
                     continue
                 line = f"{task + ' ' + metric:<28} {value:.4f}"
                 if metric in reference.get(task, {}):
-                    line += f"  original {reference[task][metric]:.4f}  {verdicts.get(task, {}).get(metric, '')}"
+                    original = reference[task][metric]
+                    line += f"  original {original:.4f}  diff {value - original:+.4f}"
+                    interval = intervals.get(task, {}).get(metric)
+                    if interval:
+                        line += f" [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+                    line += f"  {verdicts.get(task, {}).get(metric, '')}"
                 lines.append(f"{line}  ({counts})")
+    if reference and any(intervals.values()):
+        lines.append("  (diff: this − original, with its 95% interval; 'within noise': beyond 5% but the interval "
+                     "includes 0)")
+    lines += [f"probe {probe:<21} {v}" for probe, v in result.get("probes", {}).items()]
     lines += [f"note: {sentence}" for sentence in result.get("disagreements", [])]
     return lines

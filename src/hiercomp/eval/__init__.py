@@ -4,7 +4,7 @@ The protocols are stated in the README ("How quality is measured").
 """
 
 from hiercomp.eval.distribution import DistributionResult, compare_distributions, windows_from_text
-from hiercomp.eval.encoder import embed, embedding_cosine, retrieval_recall_at_1
+from hiercomp.eval.encoder import embed, embedding_cosine, mean_cosine, recall_at_1, retrieval_recall_at_1
 from hiercomp.eval.perplexity import (
     PerplexityResult,
     default_bos_id,
@@ -25,8 +25,10 @@ __all__ = [
     "embedding_cosine",
     "load_eval_text",
     "load_squad_pairs",
+    "mean_cosine",
     "normalise_documents",
     "perplexity",
+    "recall_at_1",
     "retrieval_recall_at_1",
     "squad_retrieval_sets",
     "text_windows",

@@ -52,8 +52,10 @@ def compare_distributions(
     windows: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
+    desc: str = "KL / top-1",
 ) -> DistributionResult:
-    """Mean KL(P_ref ‖ Q) and top-1 agreement over the predicted positions of ``windows`` ([n, L] token ids)."""
+    """Mean KL(P_ref ‖ Q) and top-1 agreement over the predicted positions of ``windows`` ([n, L] token ids);
+    ``desc`` labels the progress bar."""
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise HiercompError(f"windows must be a non-empty [n, L>=2] tensor of token ids (got {tuple(windows.shape)})")
     kl_sum = 0.0
@@ -64,7 +66,7 @@ def compare_distributions(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, windows.shape[0], batch_size), desc="KL / top-1", disable=not progress,
+            for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
                               unit="batch"):
                 batch = windows[start:start + batch_size]
                 log_p = F.log_softmax(batch_logits(reference_model, batch)[:, :-1].float(), dim=-1)

@@ -21,8 +21,10 @@ def embed(
     batch_size: int = 32,
     max_length: int = 256,
     progress: bool = True,
+    desc: str = "embed",
 ) -> torch.Tensor:
     """L2-normalised mean-pooled sentence embeddings, ``[len(texts), hidden]`` float32 on the CPU, in input order.
+    ``desc`` labels the progress bar (say which model and which texts).
 
     Texts are batched by length (less padding); padding does not change an embedding since padded positions
     are masked in attention and excluded from the mean.
@@ -38,7 +40,7 @@ def embed(
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, len(order), batch_size), desc="embed", disable=not progress, unit="batch"):
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
                 idx = order[start:start + batch_size]
                 enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                                 return_tensors="pt")
@@ -66,9 +68,14 @@ def embedding_cosine(
     progress: bool = True,
 ) -> float:
     """Mean over ``texts`` of cos(reference embedding, model embedding) of the same text (1.0 = unchanged)."""
-    ref = embed(reference_model, tokenizer, texts, batch_size, max_length, progress)
-    emb = embed(model, tokenizer, texts, batch_size, max_length, progress)
-    return float((ref.double() * emb.double()).sum(dim=-1).mean().item())
+    ref = embed(reference_model, tokenizer, texts, batch_size, max_length, progress, desc="original: embed")
+    emb = embed(model, tokenizer, texts, batch_size, max_length, progress, desc="model: embed")
+    return mean_cosine(ref, emb)
+
+
+def mean_cosine(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Mean cosine between rows of two L2-normalised embedding matrices of the same texts."""
+    return float((reference.double() * embeddings.double()).sum(dim=-1).mean().item())
 
 
 def retrieval_recall_at_1(
@@ -94,8 +101,13 @@ def retrieval_recall_at_1(
         raise ValueError("a gold index is outside the list of contexts")
     unique: dict[str, int] = {}
     remap = [unique.setdefault(c, len(unique)) for c in contexts]
-    gold_t = torch.tensor([remap[g] for g in gold])
-    q = embed(model, tokenizer, questions, batch_size, max_length, progress)
-    c = embed(model, tokenizer, list(unique), batch_size, max_length, progress)
-    top = (q @ c.T).argmax(dim=-1)
-    return float((top == gold_t).double().mean().item())
+    q = embed(model, tokenizer, questions, batch_size, max_length, progress, desc="embed questions")
+    c = embed(model, tokenizer, list(unique), batch_size, max_length, progress, desc="embed passages")
+    return recall_at_1(q, c, [remap[g] for g in gold])
+
+
+def recall_at_1(questions: torch.Tensor, contexts: torch.Tensor, gold: list[int]) -> float:
+    """Fraction of question embeddings whose most similar context embedding is ``contexts[gold[i]]`` (contexts
+    distinct; ties go to the lower index)."""
+    top = (questions @ contexts.T).argmax(dim=-1)
+    return float((top == torch.tensor(gold)).double().mean().item())

@@ -198,17 +198,18 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = True,
     bos: bool | None = None,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` under the protocol in this module's docstring.
 
     ``max_windows`` keeps the first windows only (for quick checks). ``bos=None`` decides BOS from the
-    tokenizer: True if it adds BOS itself when encoding.
+    tokenizer: True if it adds BOS itself when encoding. ``desc`` labels the progress bar (say which model).
     """
     seq_len = default_seq_len(model) if seq_len is None else int(seq_len)
     check_seq_len(model, seq_len)
     windows = text_windows(tokenizer, text, seq_len, max_windows, bos)
     has_bos = resolve_bos(tokenizer, bos) is not None
-    total, count = windows_nll(model, windows, batch_size=batch_size, progress=progress)
+    total, count = windows_nll(model, windows, batch_size=batch_size, progress=progress, desc=desc)
     nll_mean = total / count
     return PerplexityResult(perplexity=math.exp(nll_mean), nll_mean=nll_mean, n_tokens=count,
                             n_windows=int(windows.shape[0]), seq_len=seq_len, bos=has_bos)

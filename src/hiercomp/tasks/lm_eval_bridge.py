@@ -28,6 +28,26 @@ def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
+def check_lm_eval(tasks: list[str] | str, include_path: str | Path | None = None) -> list[str]:
+    """The task names, after checking what can be checked in a second: the harness and its Hugging Face
+    backend import, there are names, the task folder exists. (Unknown names need the harness's task index.)"""
+    if not lm_eval_available():
+        raise HiercompError(f"--lm-eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as err:  # installed without what its Hugging Face backend needs (e.g. accelerate)
+        raise HiercompError(f"lm-evaluation-harness is installed but cannot load its Hugging Face backend ({err}); "
+                            f"{INSTALL_HINT}") from err
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    names = [n for n in names if n]
+    if not names:
+        raise HiercompError("--lm-eval needs task names, e.g. --lm-eval arc_easy,piqa")
+    if include_path is not None and not Path(include_path).exists():
+        raise HiercompError(f"lm-eval task folder {include_path} does not exist; pass a folder of task YAMLs")
+    return names
+
+
 def run_lm_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -43,22 +63,11 @@ def run_lm_eval(
     ``include_defaults=False`` (with ``include_path``) indexes only the given folder, not the harness's
     thousands of built-in task YAMLs, which takes most of a small run's time.
     """
-    if not lm_eval_available():
-        raise HiercompError(f"--lm-eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:  # installed without what its Hugging Face backend needs (e.g. accelerate)
-        raise HiercompError(f"lm-evaluation-harness is installed but cannot load its Hugging Face backend ({err}); "
-                            f"{INSTALL_HINT}") from err
+    names = check_lm_eval(tasks, include_path)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    names = [n for n in names if n]
-    if not names:
-        raise HiercompError("--lm-eval needs task names, e.g. --lm-eval arc_easy,piqa")
-    if include_path is not None and not Path(include_path).exists():
-        raise HiercompError(f"lm-eval task folder {include_path} does not exist; pass a folder of task YAMLs")
     manager = TaskManager(include_path=None if include_path is None else str(include_path),
                           include_defaults=include_defaults or include_path is None)
     unknown = [n for n in names if n not in manager.all_tasks]

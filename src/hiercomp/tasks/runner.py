@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,78 +16,106 @@ from hiercomp.tasks.data import Example, load_examples
 from hiercomp.tasks.multiple_choice import predictions, score_question
 from hiercomp.tasks.spec import TaskSpec, resolve_spec
 
-# Keys of a task's result that are counts, not metrics (verdicts skip them).
-COUNT_KEYS = ("n", "truncated")
+# Keys of a task's result that are not metrics (verdicts skip them): counts, and ``items`` = each question's
+# score per metric ({metric: [score of question 0, ...]}), which the verdicts pair between two models.
+COUNT_KEYS = ("n", "truncated", "items")
 # The tasks the knowledge probes read (see hiercomp.tasks.probes.PROBES); ``--tasks probes`` runs them.
 PROBE_TASKS = ("squad_closed_book", "nq_open", "squad")
 
 
 def _multiple_choice(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example],
-                     max_length: int | None, progress: bool) -> dict[str, float | int]:
-    hits = {"acc": 0, "acc_norm": 0}
+                     max_length: int | None, progress: bool, desc: str) -> dict[str, Any]:
+    items: dict[str, list[float]] = {"acc": [], "acc_norm": []}
     truncated = 0
-    for example in tqdm(examples, desc=spec.name, disable=not progress, unit="q"):
+    for example in tqdm(examples, desc=desc, disable=not progress, unit="q"):
         scores = score_question(model, tokenizer, example.context, example.choices, spec.target_delimiter,
                                 max_length)
         pred, pred_norm = predictions(scores.loglikelihoods, example.choices)
-        hits["acc"] += pred == example.gold
-        hits["acc_norm"] += pred_norm == example.gold
+        items["acc"].append(float(pred == example.gold))
+        items["acc_norm"].append(float(pred_norm == example.gold))
         truncated += scores.truncated
-    result: dict[str, float | int] = {m: hits[m] / len(examples) for m in spec.metrics}
-    result.update(n=len(examples), truncated=truncated)
+    return _summary(spec, items, truncated)
+
+
+def _summary(spec: TaskSpec, items: dict[str, list[float]], truncated: int) -> dict[str, Any]:
+    """Mean of each metric over the questions, the counts, and the per-question scores (for paired verdicts)."""
+    result: dict[str, Any] = {m: sum(items[m]) / len(items[m]) for m in spec.metrics}
+    result.update(n=len(items[spec.metrics[0]]), truncated=truncated, items={m: items[m] for m in spec.metrics})
     return result
 
 
 def _generation(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example],
-                max_length: int | None, progress: bool) -> dict[str, float | int]:
-    sums = dict.fromkeys(spec.metrics, 0.0)
+                max_length: int | None, progress: bool, desc: str) -> dict[str, Any]:
+    items: dict[str, list[float]] = {m: [] for m in spec.metrics}
     truncated = 0
-    for example in tqdm(examples, desc=spec.name, disable=not progress, unit="q"):
+    for example in tqdm(examples, desc=desc, disable=not progress, unit="q"):
         completion, cut = generation.greedy_generate(model, tokenizer, example.context, spec.max_new_tokens,
                                                      spec.stop, max_length)
         truncated += cut
         for metric in spec.metrics:
-            sums[metric] += generation.METRICS[metric](completion, example.answers, spec.normalise)
-    result: dict[str, float | int] = {m: s / len(examples) for m, s in sums.items()}
-    result.update(n=len(examples), truncated=truncated)
-    return result
+            items[metric].append(float(generation.METRICS[metric](completion, example.answers, spec.normalise)))
+    return _summary(spec, items, truncated)
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """A resolved spec with its examples read and checked: what a run needs, obtained before any model work."""
+
+    spec: TaskSpec
+    examples: list[Example]
+
+
+def prepare_tasks(
+    specs: list[TaskSpec | str | Path | PreparedTask],
+    limit: int | None = None,
+    seed: int | None = None,
+    data_dir: str | Path | None = None,
+) -> list[PreparedTask]:
+    """Resolve every spec and read its data (``"probes"`` stands for the knowledge-probe tasks).
+
+    Every spec and data mistake (unknown task, missing data file, a row that does not fit) is raised here, so a
+    caller can check all its tasks before minutes of other work. Already prepared tasks pass through unchanged.
+    """
+    expanded = [t for s in specs for t in (PROBE_TASKS if isinstance(s, str) and s == "probes" else [s])]
+    resolved = [s if isinstance(s, PreparedTask) else resolve_spec(s) for s in expanded]
+    names = [s.spec.name if isinstance(s, PreparedTask) else s.name for s in resolved]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise HiercompError(f"two tasks are named {duplicate!r}; give each spec its own name")
+    return [s if isinstance(s, PreparedTask) else PreparedTask(s, load_examples(s, data_dir, limit, seed))
+            for s in resolved]
 
 
 def run_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
-    specs: list[TaskSpec | str | Path],
+    specs: list[TaskSpec | str | Path | PreparedTask],
     limit: int | None = None,
     seed: int | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, dict[str, float | int]]:
-    """Score ``model`` on each task (a TaskSpec, a shipped name such as ``arc_easy``, or a spec YAML path;
-    ``"probes"`` stands for the knowledge-probe tasks).
+    label: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score ``model`` on each task (a TaskSpec, a shipped name such as ``arc_easy``, a spec YAML path, or a
+    :class:`PreparedTask`; ``"probes"`` stands for the knowledge-probe tasks).
 
     ``limit`` keeps the first N questions of each task; ``seed`` overrides the specs' few-shot seeds. Every spec
     and its data are checked before any model work, so a bad spec fails fast. Deterministic: greedy decoding,
-    no sampling, fixed order.
+    no sampling, fixed order. ``label`` names the model on the progress bars ("original: piqa").
     """
     if tokenizer is None:
         raise HiercompError("tasks need the model's tokenizer; save the tokenizer files next to the model")
-    # "probes" stands for the knowledge-probe tasks (closed-book, open-book, in-context retrieval).
-    expanded = [t for s in specs for t in (PROBE_TASKS if isinstance(s, str) and s == "probes" else [s])]
-    resolved = [resolve_spec(s) for s in expanded]
-    names = [s.name for s in resolved]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate is not None:
-        raise HiercompError(f"two tasks are named {duplicate!r}; give each spec its own name")
-    prepared = [(spec, load_examples(spec, data_dir, limit, seed)) for spec in resolved]
+    prepared = prepare_tasks(specs, limit, seed, data_dir)
     max_length = model_context(model)
-    results: dict[str, dict[str, float | int]] = {}
+    results: dict[str, dict[str, Any]] = {}
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for spec, examples in prepared:
-                run = _multiple_choice if spec.kind == "multiple_choice" else _generation
-                results[spec.name] = run(model, tokenizer, spec, examples, max_length, progress)
+            for task in prepared:
+                run = _multiple_choice if task.spec.kind == "multiple_choice" else _generation
+                desc = task.spec.name if label is None else f"{label}: {task.spec.name}"
+                results[task.spec.name] = run(model, tokenizer, task.spec, task.examples, max_length, progress, desc)
     finally:
         model.train(was_training)
     return results
