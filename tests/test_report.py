@@ -117,6 +117,47 @@ def test_report_from_constructed_results(tmp_path, suffix):
             assert_real_picture(tmp_path / f"{n}.png")
 
 
+def test_mixed_plan_method_cell_is_a_summary():
+    from hiercomp.report.collect import method_family, method_summary
+
+    layers = ([{"method": "gptq(bits=4, group_size=128, symmetric=False, damp=0.01)"}] * 6
+              + [{"method": "gptq(bits=3, group_size=32, symmetric=False, damp=0.01)"}] * 14
+              + [{"method": "rtn(bits=8, group_size=128, symmetric=False)"}] * 2)
+    assert method_summary(layers, ["model.layers.3", "model.layers.4.mlp"]) == \
+        "gptq 3-4 bit (g32/g128) ×20; rtn 8-bit (g128) ×2; 2 removed (model.layers.3, model.layers.4.mlp)"
+    assert method_family(layers, removed=True) == "gptq+rtn mixed + depth"
+    uniform = layers[:6]
+    assert method_summary(uniform) == uniform[0]["method"] and method_family(uniform) == "gptq"
+    assert method_summary([{"method": "wanda(sparsity=0.5, pattern=None)"},
+                           {"method": "wanda(sparsity=0.6, pattern=None)"}]) == "wanda 50%/60% sparse ×2"
+
+
+def test_one_colour_per_method_across_plots_and_captions_that_match(tmp_path, monkeypatch):
+    import hiercomp.report.render as render
+
+    variants = constructed_variants()
+    variants[1].family, variants[2].family = "gptq", "rtn"
+    seen = []
+    real = render.quality_vs_size
+
+    def recording(series, out, **kwargs):
+        seen.append({name: kwargs["colors"][name] for name in series})
+        return real(series, out, **kwargs)
+
+    monkeypatch.setattr(render, "quality_vs_size", recording)
+    figures = render.make_figures(variants, tmp_path, "t")
+    assert len(seen) == 3  # KL, perplexity, arc_easy acc
+    for name in ("gptq", "rtn"):
+        assert len({str(colours[name]) for colours in seen}) == 1  # the same colour in every plot
+    assert seen[0]["gptq"] != seen[0]["rtn"]
+    captions = [f.caption for f in figures]
+    kl_caption = next(c for c in captions if c.startswith("KL"))
+    ppl_caption = next(c for c in captions if c.startswith("perplexity"))
+    assert "the original is not drawn" in kl_caption and "the original is not drawn" not in ppl_caption
+    assert all("Pareto front" in c and "one colour per method" in c for c in captions[:3])
+    assert "lower panel" not in captions[3] and "relative output error" in captions[3]
+
+
 def test_report_refuses_bad_output(tmp_path):
     (tmp_path / "r.html").write_text("old")
     with pytest.raises(HiercompError, match="--force"):
@@ -148,19 +189,22 @@ def test_report_on_stories260k_end_to_end(stories_variants, tmp_path, monkeypatc
                "--quiet"]
     assert main(["report", *dirs, "--out", str(tmp_path / "r.md"), *options]) == 0
     cached = sorted((tmp_path / ".hiercomp_report_cache").glob("eval-*.json"))
-    assert len(cached) == 2  # each variant evaluated once; the original's numbers come with them
+    assert len(cached) == 3  # the original once, then each variant once
     results = {json.loads(p.read_text())["model"]: json.loads(p.read_text())["result"] for p in cached}
-    r8, r3 = results[dirs[0]], results[dirs[1]]
+    r8, r3, original = results[dirs[0]], results[dirs[1]], results[str(STORIES)]
+    # Every variant's verdicts read the one evaluation of the original.
+    assert r8["reference_perplexity"] == r3["reference_perplexity"] == original["perplexity"]
     # 8 bits barely moves the model, 3 bits does; the report's table holds these very numbers.
     assert r8["kl"] < 0.01 < r3["kl"] and r3["perplexity"] > r8["perplexity"]
     assert r8["size_bytes"] < r8["reference_size_bytes"] and r3["size_bytes"] < r8["size_bytes"]
     text = (tmp_path / "r.md").read_text()
-    assert f"| original (baseline) | uncompressed | 1.045 MB (1,044,992 B) | — | {r8['reference_perplexity']:.3f} |" \
-        in text
+    original_row = "| original (baseline) | uncompressed | 1.045 MB (1,044,992 B) | 32.000 | "
+    assert f"{original_row}{r8['reference_perplexity']:.3f} |" in text
     for result in (r8, r3):
         assert f"{result['perplexity']:.3f}" in text and format(result["kl"], ".4g") in text
         assert f"{result['top1_agreement']:.4f}" in text and f"{result['bits_per_weight']:.3f}" in text
     assert "rtn(bits=3, group_size=32" in text
+    assert "2 non-overlapping windows of 128 tokens" in text  # the perplexity protocol in the header
     for picture in (tmp_path / "r_files").glob("*.png"):
         assert_real_picture(picture)
     assert len(list((tmp_path / "r_files").glob("*.png"))) == 4  # KL, perplexity, two layer plots

@@ -23,7 +23,7 @@ from hiercomp.report.files import write_text_atomic
 
 CACHE_DIR_NAME = ".hiercomp_report_cache"
 # Bumped when the cached evaluation's meaning changes, so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-question task scores and intervals in the results
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Variant:
     layers: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     is_reference: bool = False
+    family: str = "other"  # plot series and colour: see method_family
 
 
 def _fingerprint(path: str | Path | None) -> Any:
@@ -105,8 +106,12 @@ def _check_supported(kwargs: dict[str, Any]) -> None:
 
 
 def evaluate_cached(model: str | Path, options: EvalOptions, *, with_reference: bool, cache_dir: Path | None,
-                    refresh: bool = False, progress: bool = True) -> dict[str, Any]:
-    """evaluate(model, **options), read from ``cache_dir`` when this exact evaluation was done before."""
+                    refresh: bool = False, progress: bool = True,
+                    reference_scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """evaluate(model, **options), read from ``cache_dir`` when this exact evaluation was done before.
+
+    ``reference_scores``: the original's own evaluation under the same options, reused instead of measuring the
+    original again for every variant (it does not change the result, so it is not part of the cache key)."""
     from hiercomp.evaluation import evaluate
 
     kwargs = options.evaluate_kwargs(with_reference)
@@ -117,23 +122,89 @@ def evaluate_cached(model: str | Path, options: EvalOptions, *, with_reference: 
         except (json.JSONDecodeError, KeyError):
             pass  # a damaged entry is recomputed and overwritten
     _check_supported(kwargs)
+    if reference_scores is not None and with_reference:
+        kwargs["reference_scores"] = reference_scores
     result = evaluate(str(model), progress=progress, **kwargs)
+    kwargs.pop("reference_scores", None)
     if entry is not None:
         write_text_atomic(entry, json.dumps({"model": str(model), "options": kwargs, "result": result},
                                             indent=1, default=float))
     return result
 
 
-def method_summary(report_layers: list[dict[str, Any]]) -> str:
-    """``rtn(bits=8, ...)`` when one method made every layer, else the most used ones with their counts."""
-    counts = Counter(str(layer.get("method", "?")) for layer in report_layers)
-    if not counts:
-        return "uncompressed"
-    if len(counts) == 1:
-        return next(iter(counts))
-    shown = [f"{method} ×{n}" for method, n in counts.most_common(3)]
-    rest = len(counts) - 3
-    return "; ".join(shown) + (f"; +{rest} more" if rest > 0 else "")
+def _parse_method(description: str) -> tuple[str, dict[str, str]]:
+    """``gptq(bits=4, group_size=128, ...)`` -> (``gptq``, {"bits": "4", "group_size": "128", ...})."""
+    name, _, rest = description.partition("(")
+    params = {}
+    for part in rest.rstrip(")").split(","):
+        key, eq, value = part.strip().partition("=")
+        if eq:
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def _sorted_values(values: set[str]) -> list[str]:
+    return sorted(values, key=lambda v: (0, float(v)) if v.replace(".", "", 1).isdigit() else (1, v))
+
+
+def _short_params(params: list[dict[str, str]]) -> str:
+    """The parameters that say what a method did, over all its layers: ``3-4 bit (g32/g128)``, ``50%``, ``2:4``."""
+    def values(key: str) -> list[str]:
+        return _sorted_values({p[key] for p in params if p.get(key) not in (None, "None")})
+
+    parts = []
+    bits = values("bits")
+    if bits:
+        parts.append(f"{bits[0]}-bit" if len(bits) == 1 else f"{bits[0]}-{bits[-1]} bit")
+    groups = ["channel" if g in ("0", "-1", "channel") else f"g{g}" for g in values("group_size")]
+    if groups:
+        parts.append(f"({'/'.join(groups)})")
+    patterns = values("pattern")
+    sparsities = values("sparsity")
+    if patterns:
+        parts.append("/".join(patterns))
+    elif sparsities:
+        parts.append("/".join(f"{float(v):.0%}" for v in sparsities) + " sparse")
+    for key, label in (("rank", "rank"), ("rank_ratio", "rank ratio"), ("n_blocks", "blocks")):
+        found = values(key)
+        if found:
+            parts.append(f"{label} {'/'.join(found)}")
+    return " ".join(parts)
+
+
+def method_summary(report_layers: list[dict[str, Any]], removed: list[str] = ()) -> str:
+    """What a variant's table cell says about its method.
+
+    One method with one parameter list on every layer: that description (``rtn(bits=8, ...)``). A mixed plan:
+    one short entry per method, most layers first — ``gptq 3-4 bit (g32/g128) ×20; rtn 8-bit (g128) ×4`` — not
+    every layer's parameter list. Removed units (depth pruning) are counted: ``2 removed``.
+    """
+    descriptions = [str(layer.get("method", "?")) for layer in report_layers]
+    gone = ""
+    if removed:
+        gone = f"{len(removed)} removed" + (f" ({', '.join(removed)})" if len(removed) <= 2 else "")
+    if not descriptions:
+        return gone or "uncompressed"
+    if len(set(descriptions)) == 1:
+        return descriptions[0] + (f"; {gone}" if gone else "")
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for description in descriptions:
+        name, params = _parse_method(description)
+        by_method.setdefault(name, []).append(params)
+    entries = [f"{name} {_short_params(params)}".strip() + f" ×{len(params)}"
+               for name, params in sorted(by_method.items(), key=lambda item: -len(item[1]))]
+    return "; ".join(entries + ([gone] if gone else []))
+
+
+def method_family(report_layers: list[dict[str, Any]], removed: bool = False) -> str:
+    """The plot series (and colour) of a variant: its method's name, ``mixed`` when the layers differ in method or
+    parameters, ``+ depth`` when units were removed. Variants of one family share a colour in every plot."""
+    descriptions = {str(layer.get("method", "?")) for layer in report_layers}
+    names = sorted({_parse_method(d)[0] for d in descriptions})
+    family = "+".join(names) if names else "uncompressed"
+    if len(descriptions) > 1:
+        family += " mixed"
+    return family + (" + depth" if removed else "")
 
 
 def _layer_sparsity(config: dict[str, Any]) -> float | None:
@@ -196,16 +267,15 @@ def describe_folder(path: str | Path, name: str) -> Variant:
     if is_compressed_dir(path):
         meta = read_meta(path)
         report = meta.get("report", {})
-        method = method_summary(report.get("layers", []))
         removed = [unit["name"] if isinstance(unit, dict) else str(unit) for unit in meta.get("removed", [])]
-        if removed:
-            method += f"; removed {len(removed)}: {', '.join(removed)}"
+        method = method_summary(report.get("layers", []), removed)
         return Variant(name, str(path), method,
-                       saved_size_bytes(path)["size_bytes"], report.get("bits_per_weight"), layer_rows(meta))
+                       saved_size_bytes(path)["size_bytes"], report.get("bits_per_weight"), layer_rows(meta),
+                       family=method_family(report.get("layers", []), bool(removed)))
     if not (path / "config.json").is_file():
         raise HiercompError(f"{path} is neither a hiercomp folder nor a model folder (no config.json); "
                             "pass folders written by `hiercomp compress`")
-    return Variant(name, str(path), "uncompressed", _dense_size(path), None)
+    return Variant(name, str(path), "uncompressed", _dense_size(path), None, family="uncompressed")
 
 
 def load_eval_json(path: str | Path) -> dict[str, Any]:
@@ -248,17 +318,27 @@ def collect(dirs: list[str], options: EvalOptions, *, from_json: list[str] = (),
     names = _unique_names(list(dirs) + [data.get("model") or p for p, data in jsons])
     variants: list[Variant] = []
     used_jsons: set[str] = set()
+    given = {path: [(p, data) for p, data in jsons if _same_path(data.get("model"), path)] for path in dirs}
+    to_measure = [path for path in dirs if not given[path]] if options.wanted else []
+    original = None
+    if options.reference is not None and to_measure:
+        # The original is measured once, first, and every variant's verdicts read these same numbers.
+        if progress:
+            print(f"report: measuring the original {options.reference}", file=sys.stderr)
+        original = evaluate_cached(options.reference, options, with_reference=False, cache_dir=cache_dir,
+                                   refresh=refresh, progress=progress)
     for path, name in zip(dirs, names):
         variant = describe_folder(path, name)
-        given = [(p, data) for p, data in jsons if _same_path(data.get("model"), path)]
-        if given:
-            used_jsons.add(given[0][0])
-            variant.metrics = given[0][1]
+        if given[path]:
+            used_jsons.add(given[path][0][0])
+            variant.metrics = given[path][0][1]
         elif options.wanted:
             if progress:
-                print(f"report: measuring {path} ({len(variants) + 1} of {len(dirs)})", file=sys.stderr)
+                print(f"report: measuring {path} ({to_measure.index(path) + 1} of {len(to_measure)})",
+                      file=sys.stderr)
             variant.metrics = evaluate_cached(path, options, with_reference=options.reference is not None,
-                                              cache_dir=cache_dir, refresh=refresh, progress=progress)
+                                              cache_dir=cache_dir, refresh=refresh, progress=progress,
+                                              reference_scores=original)
         variants.append(variant)
     for (path, data), name in zip(jsons, names[len(dirs):]):
         if path not in used_jsons:
@@ -269,7 +349,7 @@ def collect(dirs: list[str], options: EvalOptions, *, from_json: list[str] = (),
         ref = describe_folder(options.reference, name) if Path(options.reference).exists() else \
             Variant(name, options.reference, "uncompressed", None, None)
         ref.is_reference = True
-        ref.metrics = reference_metrics(variants)
+        ref.metrics = dict(original) if original is not None else reference_metrics(variants)
         if not ref.metrics and options.wanted:  # no variant measured the reference: measure it on its own
             ref.metrics = evaluate_cached(options.reference, options, with_reference=False, cache_dir=cache_dir,
                                           refresh=refresh, progress=progress)

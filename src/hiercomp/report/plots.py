@@ -78,6 +78,25 @@ def _save(fig: Any, out: str | Path) -> Path:
     return Path(out)
 
 
+ORIGINAL_COLOR = "#222222"
+
+
+def series_colors(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per series name, in the order given ("original" always dark grey): compute it once over every
+    variant and pass it to each plot, so that a method has the same colour in all of them."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    others = [n for n in dict.fromkeys(names) if n != "original"]
+    out: dict[str, Any] = {name: cmap(k % 10) for k, name in enumerate(others)}
+    out["original"] = ORIGINAL_COLOR
+    return out
+
+
+def uses_log_scale(values: Sequence[float]) -> bool:
+    """Whether :func:`quality_vs_size` draws an axis of these values on a log scale (for captions)."""
+    return _wants_log(values)
+
+
 def _wants_log(values: Sequence[float]) -> bool:
     positive = [v for v in values if _is_number(v) and v > 0]
     return len(positive) == len([v for v in values if _is_number(v)]) and len(positive) > 1 and \
@@ -87,13 +106,14 @@ def _wants_log(values: Sequence[float]) -> bool:
 def quality_vs_size(
     series: dict[str, list[tuple[float, float]]], out: str | Path, *, xlabel: str = "size (bytes)",
     ylabel: str = "KL to original", lower_is_better: bool = True, title: str = "",
-    labels: dict[str, list[str]] | None = None,
+    labels: dict[str, list[str]] | None = None, colors: dict[str, Any] | None = None,
 ) -> Path:
     """Scatter of (size, quality) per series, the Pareto front over all points drawn as a line.
 
     A series with several points (a ladder of bits, a search's plans) is joined in order of size; ``labels``
-    optionally names each point (same order as its series). Sizes are printed as KB/MB when ``xlabel``
-    talks about bytes. Returns the PNG path.
+    optionally names each point (same order as its series); ``colors`` fixes each series' colour (so one method
+    keeps its colour across several plots; :func:`series_colors`). Sizes are printed as KB/MB (powers of 1000)
+    when ``xlabel`` talks about bytes. Returns the PNG path.
     """
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
@@ -109,14 +129,15 @@ def quality_vs_size(
         raise HiercompError(f"nothing to draw in {out}: every point has a missing size or quality")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    cmap = plt.get_cmap("tab10")
-    for k, (name, points) in enumerate(series.items()):
+    colors = colors or series_colors(list(series))
+    for name, points in series.items():
         good = sorted((float(s), float(q)) for s, q in points if _is_number(s) and _is_number(q))
         if not good:
             continue
         xs, ys = zip(*good)
         style = "-o" if len(good) > 1 else "o"
-        ax.plot(xs, ys, style, color=cmap(k % 10), label=name, markersize=6, linewidth=1.2, alpha=0.9, zorder=3)
+        ax.plot(xs, ys, style, color=colors.get(name, "grey"), label=name, markersize=6, linewidth=1.2, alpha=0.9,
+                zorder=3)
 
     front = pareto_front(everything, lower_is_better)
     fx = [everything[i][0] for i in front]

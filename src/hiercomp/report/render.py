@@ -21,7 +21,8 @@ from hiercomp.errors import HiercompError
 from hiercomp.io.atomic import atomic_dir
 from hiercomp.report.collect import EvalOptions, Variant
 from hiercomp.report.files import write_text_atomic
-from hiercomp.report.plots import format_bytes, layer_allocation, quality_vs_size
+from hiercomp.report.plots import format_bytes, layer_allocation, quality_vs_size, series_colors, uses_log_scale
+from hiercomp.tasks.runner import COUNT_KEYS  # entries of a task's scores that are not metrics
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ METRICS = (
 )
 # Which metrics get a quality-vs-size plot (top-1 agreement mirrors KL and would only repeat it).
 PLOTTED = ("kl", "perplexity", "cosine", "recall_at_1")
-# Entries of a task's scores that count things rather than measure quality (hiercomp.tasks.runner.COUNT_KEYS).
-COUNT_KEYS = ("n", "truncated")
-VERDICT_MARK = {"matches": "matches", "worse": "WORSE", "better": "better"}
+VERDICT_MARK = {"matches": "matches", "worse": "WORSE", "better": "better", "within noise": "within noise"}
 
 
 @dataclass
@@ -82,8 +81,17 @@ def _verdict(variant: Variant, key: str, metric: str | None = None) -> str | Non
     return value if isinstance(value, str) else None
 
 
-def _with_verdict(text: str, verdict: str | None) -> str:
-    return f"{text} ({VERDICT_MARK.get(verdict, verdict)})" if verdict else text
+def _with_verdict(text: str, verdict: str | None, interval: list[float] | None = None) -> str:
+    """``0.6000 (within noise, −0.033 [−0.100, +0.033])``: the verdict, and the difference's 95% interval."""
+    if not verdict:
+        return text
+    spread = f"; diff [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+    return f"{text} ({VERDICT_MARK.get(verdict, verdict)}{spread})"
+
+
+def _interval(variant: Variant, task: str, metric: str) -> list[float] | None:
+    found = ((variant.metrics.get("intervals") or {}).get(task) or {}).get(metric)
+    return found if isinstance(found, list) and len(found) == 2 else None
 
 
 def disagreements(variant: Variant, reference: Variant | None = None) -> list[str]:
@@ -143,20 +151,15 @@ def table_rows(variants: list[Variant]) -> tuple[list[str], list[list[str]]]:
             cell = format_value(scores.get(metric), ".4f")
             if _number(scores.get(metric)) and not shared[task]:
                 cell += f" ({_counts_text(scores)})"
-            row.append(_with_verdict(cell, _verdict(v, task, metric)))
+            row.append(_with_verdict(cell, _verdict(v, task, metric), _interval(v, task, metric)))
         row += [_probes_cell(v)] if with_probes else []
         rows.append(row)
     return header, rows
 
 
 def _family(variant: Variant) -> str:
-    """The plot series a variant belongs to: its method's name (``gptq``), ``mixed``, ``+ depth`` when pruned."""
-    if variant.is_reference:
-        return "original"
-    parts = [part.strip() for part in variant.method.split(";")]
-    bases = {part.split("(", 1)[0].split(" ", 1)[0] for part in parts if not part.startswith(("removed", "+"))}
-    family = (bases.pop() or "other") if len(bases) == 1 else "mixed"
-    return family + (" + depth" if any(part.startswith("removed") for part in parts) else "")
+    """The plot series a variant belongs to (see :func:`hiercomp.report.collect.method_family`)."""
+    return "original" if variant.is_reference else variant.family
 
 
 def _quality_series(variants: list[Variant], value_of: Any, plot_reference: bool) -> tuple[dict, dict]:
@@ -174,8 +177,9 @@ def _quality_series(variants: list[Variant], value_of: Any, plot_reference: bool
 
 
 def make_figures(variants: list[Variant], folder: Path, title: str) -> list[Figure]:
-    """Every picture of the report, as PNGs in ``folder``."""
+    """Every picture of the report, as PNGs in ``folder``; one colour per method family across all of them."""
     figures: list[Figure] = []
+    colors = series_colors([_family(v) for v in variants])
     plots: list[tuple[str, str, bool, bool, Any]] = [
         (m.key, m.label, m.lower_is_better, m.plot_reference, lambda v, k=m.key: v.metrics.get(k))
         for m in METRICS if m.key in PLOTTED]
@@ -191,23 +195,66 @@ def make_figures(variants: list[Variant], folder: Path, title: str) -> list[Figu
         if sum(len(points) for points in series.values()) < 1:
             continue
         path = quality_vs_size(series, folder / f"quality-{_slug(key)}.png", ylabel=label, lower_is_better=lower,
-                               labels=labels, title=f"{label} vs size on disk")
-        figures.append(Figure(f"{label} against size; the dashed line joins the Pareto front (nothing is both "
-                              "smaller and better than a circled variant)", path))
+                               labels=labels, title=f"{label} vs size on disk", colors=colors)
+        figures.append(Figure(_quality_caption(label, series, lower, with_ref), path))
     for n, v in enumerate(variants):
         if v.layers:
             path = layer_allocation(v.layers, folder / f"layers-{n:02d}-{_slug(v.name)}.png",
                                     title=f"{v.name}: bits per weight and relative output error per layer")
-            figures.append(Figure(f"{v.name}: per-layer bits per weight (bars) and relative output error on the "
-                                  "calibration inputs (dots, right axis)", path))
+            figures.append(Figure(_layers_caption(v), path))
     return figures
+
+
+def _quality_caption(label: str, series: dict[str, list[tuple[float, float]]], lower: bool, with_ref: bool) -> str:
+    """What the quality-vs-size picture shows, as drawn: axes, series, the front, and what is left out."""
+    points = [p for pts in series.values() for p in pts]
+    scales = [name for name, values in (("size", [p[0] for p in points]), (label, [p[1] for p in points]))
+              if uses_log_scale(values)]
+    parts = [f"{label} ({'lower' if lower else 'higher'} is better) against the size of the weights file "
+             "(KB/MB = powers of 1000)",
+             "one colour per method; variants of one method are joined in order of size"]
+    if scales:
+        parts.append(f"log scale on {' and '.join(scales)}")
+    parts.append("the dashed black line joins the Pareto front: a circled variant has nothing both smaller and "
+                 "better")
+    if not with_ref:
+        parts.append("the original is not drawn (its value is trivial by definition)")
+    return "; ".join(parts)
+
+
+def _layers_caption(variant: Variant) -> str:
+    parts = [f"{variant.name}: bits per weight of each layer in model order (blue bars)",
+             "relative output error on the calibration inputs (dots, right axis, log scale)"]
+    if any(isinstance(row.get("sparsity"), (int, float)) and row["sparsity"] > 0 for row in variant.layers):
+        parts.append("fraction of weights removed (lower panel)")
+    if any(row.get("removed") for row in variant.layers):
+        parts.append("layers of removed sub-blocks crossed out in red (0 bits)")
+    return "; ".join(parts)
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
 
 
-def _options_lines(options: EvalOptions) -> list[str]:
+def _protocol_lines(variants: list[Variant]) -> list[str]:
+    """How perplexity and KL were measured (the windows), as the evaluations report it; one line per protocol."""
+    seen: dict[tuple[Any, ...], list[str]] = {}
+    for v in variants:
+        m = v.metrics
+        if _number(m.get("seq_len")) and _number(m.get("n_windows")):
+            key = (m["seq_len"], m["n_windows"], m.get("n_tokens"))
+            seen.setdefault(key, []).append(v.name)
+    lines = []
+    for (seq_len, n_windows, n_tokens), names in seen.items():
+        whom = "" if len(seen) == 1 else f" ({', '.join(names)})"
+        tokens = f", {int(n_tokens):,} predicted tokens" if _number(n_tokens) else ""
+        lines.append(f"perplexity and KL{whom}: {int(n_windows)} non-overlapping windows of {int(seq_len)} tokens"
+                     f"{tokens}; BOS at the start of each window when the tokenizer adds one; the final partial "
+                     "window dropped (README, 'How quality is measured')")
+    return lines
+
+
+def _options_lines(options: EvalOptions, variants: list[Variant] = ()) -> list[str]:
     lines = [f"generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} by hiercomp report"]
     for label, value in (("evaluation text", options.text), ("reference (original)", options.reference),
                          ("tasks", ", ".join(options.tasks) if options.tasks else None),
@@ -215,6 +262,9 @@ def _options_lines(options: EvalOptions) -> list[str]:
                          ("limit (examples per task, or SQuAD pairs)", options.limit), ("seed", options.seed)):
         if value is not None:
             lines.append(f"{label}: {value}")
+    lines += _protocol_lines(list(variants))
+    if options.reference is not None and options.wanted:
+        lines.append("the original is evaluated once; every variant's verdicts compare with those numbers")
     if not options.wanted:
         lines.append("no evaluation asked for (give --text, --tasks or --squad): sizes and layers only")
     return lines
@@ -223,7 +273,9 @@ def _options_lines(options: EvalOptions) -> list[str]:
 NOTES = ("size is the bytes of the saved weights file (model.safetensors); bits/weight counts every stored bit "
          "(codes, scales, zeros, masks, indices) over the compressed layers only",
          "a verdict compares with the original: 'matches' when within 5% (relative) of it, as LLM-KICK defines it; "
-         "else 'better' or 'WORSE'")
+         "else 'better' or 'WORSE' when the 95% interval of the difference (this − original; paired over the same "
+         "questions) excludes 0, and 'within noise' when it includes 0",
+         "sizes in KB/MB are powers of 1000 (KB = 1000 bytes); the exact byte count is beside each")
 
 
 def _disagreement_lines(variants: list[Variant]) -> list[str]:
@@ -240,7 +292,7 @@ def render_markdown(variants: list[Variant], figures: list[Figure], options: Eva
                     asset_dir_name: str) -> str:
     header, rows = table_rows(variants)
     esc = [[cell.replace("|", "\\|") for cell in row] for row in [header] + rows]
-    out = [f"# {title}", ""] + [f"- {line}" for line in _options_lines(options)] + [""]
+    out = [f"# {title}", ""] + [f"- {line}" for line in _options_lines(options, variants)] + [""]
     out += ["## Variants", "", "| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in esc[1:]]
     out += [""] + [f"- {note}" for note in NOTES] + ["", "## Where perplexity and tasks disagree", ""]
@@ -261,7 +313,7 @@ def render_html(variants: list[Variant], figures: list[Figure], options: EvalOpt
     esc = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><ul>"]
-    parts += [f"<li>{esc(line)}</li>" for line in _options_lines(options)]
+    parts += [f"<li>{esc(line)}</li>" for line in _options_lines(options, variants)]
     parts += ["</ul><h2>Variants</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     for variant, row in zip(variants, rows):
         css = " class='baseline'" if variant.is_reference else ""
