@@ -38,6 +38,9 @@ class CompressedLinear(nn.Module):
         self.out_features = out_features
         # "linear" or "conv1d" (GPT-2's transposed Conv1D): export writes the weight back the same way.
         self.origin = origin
+        # The fast compute path (hiercomp.layers.kernels), or None: the reference path below. Not a buffer:
+        # it is derived from the stored ones, never saved.
+        self.kernel = None
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
         else:
@@ -83,9 +86,27 @@ class CompressedLinear(nn.Module):
         return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.device.type == "cpu":
+            return self.kernel_forward(x)
         weight = self.dequantize().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
+
+    def release_stored(self) -> None:
+        """Drop stored buffers that the attached kernel can give back exactly (only a memory saving; layers
+        that cannot give them back keep them)."""
+
+    def restore_stored(self) -> None:
+        """Undo :meth:`release_stored`."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.restore_stored()
+        self.kernel = None  # built from the old buffers: stale now (set_runtime builds it again)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel(x.reshape(-1, self.in_features)).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def to_linear(self) -> nn.Module:
         """A plain dense module with the dequantized weight (nn.Linear, or Conv1D where it came from one)."""

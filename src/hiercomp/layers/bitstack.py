@@ -99,6 +99,10 @@ class BitStackLinear(CompressedLinear):
         if not 1 <= active <= self.n_blocks:
             raise ValueError(f"active blocks must be in 1..{self.n_blocks}, got {active}")
         self.active = int(active)
+        if self.kernel is not None:  # the fast path was built for the old prefix of blocks
+            from hiercomp.layers.kernels import select_kernel
+
+            self.kernel = select_kernel(self)
 
     def scaled_weight(self, blocks: int | None = None) -> torch.Tensor:
         """Ŵ' = Σ_{i<blocks} Sᵢ ⊙ (uᵢ vᵢᵀ) in float32 (default: the active blocks)."""

@@ -50,6 +50,8 @@ class LowRankLinear(CompressedLinear):
         return self.a_factor.float() @ self.b_factor.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.device.type == "cpu":  # the same two products, factors cast once
+            return self.kernel_forward(x)
         # Two thin products instead of the dense (out, in) weight: the point of a low-rank layer.
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(F.linear(x, self.b_factor.to(x.dtype)), self.a_factor.to(x.dtype), bias)

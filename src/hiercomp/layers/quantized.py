@@ -60,9 +60,30 @@ class QuantizedLinear(CompressedLinear):
             self.register_buffer("qzeros", pack_bits(zero.reshape(-1), grid.bits))
 
     def codes(self) -> torch.Tensor:
+        if self.released():
+            return self.kernel.codes()
         return unpack_bits(self.qweight, self.grid.bits, self.out_features * self.in_features).view(
             self.out_features, self.in_features
         )
+
+    # -- the fast runtime keeps the codes once, in the kernel's form -----------------------------------
+    def released(self) -> bool:
+        return self.kernel is not None and self.qweight.device.type == "meta"
+
+    def release_stored(self) -> None:
+        """The kernel's codes are the only copy (half the memory of keeping both); ``qweight`` comes back from
+        them exactly when something reads it (saving, ``dequantize``)."""
+        if self.kernel is not None and hasattr(self.kernel, "codes") and not self.released():
+            self.qweight = torch.empty_like(self.qweight, device="meta")
+
+    def restore_stored(self) -> None:
+        if self.released():
+            self.qweight = pack_bits(self.kernel.codes(), self.grid.bits)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.released():
+            destination[prefix + "qweight"] = pack_bits(self.kernel.codes(), self.grid.bits)
 
     def zeros(self) -> torch.Tensor:
         groups = self.grid.num_groups(self.in_features)
