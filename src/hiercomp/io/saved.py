@@ -14,11 +14,12 @@ loads the state dict: the logits are bit-identical to the compressed model that 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -99,8 +100,34 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def build_skeleton(path: str | Path, info: dict[str, Any]) -> nn.Module:
-    """The model class from its config, in the saved dtype, with compressed layers swapped in (empty)."""
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside create their parameters on the ``meta`` device: no memory and no random init.
+
+    Buffers stay real: the non-persistent ones (rotary frequencies) are not in the saved state, so they must be
+    computed as usual. The same trick as accelerate's ``init_empty_weights(include_buffers=False)``.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_skeleton(path: str | Path, info: dict[str, Any], meta: bool = False) -> nn.Module:
+    """The model class from its config, in the saved dtype, with compressed layers swapped in (empty).
+
+    ``meta``: parameters and compressed buffers on the ``meta`` device (nothing allocated): fill them with
+    :func:`fill_state`. Otherwise they are allocated (and initialised) as the class does.
+    Only the layer registry (``LAYER_TYPES``, by each layer's saved config) is needed, never the methods.
+    """
     import transformers
     from transformers import AutoConfig
 
@@ -109,37 +136,91 @@ def build_skeleton(path: str | Path, info: dict[str, Any]) -> nn.Module:
     if cls is None:
         raise HiercompError(f"this transformers version has no {info['model_class']}; upgrade transformers")
     dtype = getattr(torch, info.get("dtype", "float32"))
-    model = cls(config).to(dtype)
+    with parameters_on_meta() if meta else nullcontext():
+        model = cls(config).to(dtype)
     removed = [row["name"] for row in info.get("removed", [])]
     if removed:  # depth pruning: the same stand-ins as when saved, so the state keys match
         from hiercomp.depth import remove_subblocks
 
         remove_subblocks(model, removed)
     for name, layer_cfg in info["layers"].items():
-        set_module(model, name, build_layer(layer_cfg))
+        with torch.device("meta") if meta else nullcontext():
+            layer = build_layer(layer_cfg)
+        set_module(model, name, layer)
     return model
 
 
-def load_compressed(path: str | Path) -> nn.Module:
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read straight into its own CPU tensor (one copy: no mmap whose
+    touched pages would count twice in the resident memory, no intermediate bytes object)."""
+    state: dict[str, torch.Tensor] = {}
+    with open(weights, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            start, end = entry["data_offsets"]
+            if end - start != tensor.numel() * tensor.element_size():
+                raise ValueError(f"tensor {name} has {end - start} bytes for shape {entry['shape']}")
+            if tensor.numel():
+                f.seek(base + start)
+                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - start:
+                    raise ValueError(f"the file ends inside tensor {name}")
+            state[name] = tensor
+    return state
+
+
+def fill_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Load ``state`` into a :func:`build_skeleton` (meta) model by assignment: the loaded tensors become the
+    model's, nothing is copied; tied weights are tied again; anything left on ``meta`` is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); compress the model again")
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # assignment gave the tied modules two Parameter objects on one storage
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if empty:
+        raise HiercompError(f"{weights} does not hold {empty[:3]}; compress the model again")
+
+
+def load_compressed(path: str | Path, runtime: str = "fast") -> nn.Module:
+    """The model saved at ``path``, built on ``meta`` and filled with the stored tensors only (no dense random
+    init; peak memory about the file plus one layer's kernel conversion).
+
+    ``runtime``: ``"fast"`` attaches each compressed layer's kernel (:mod:`hiercomp.layers.kernels`; integer
+    grids then hold their codes once, in the kernel's form), ``"reference"`` computes every layer through its
+    ``dequantize`` (the exact stored form, slow).
+    """
+    from hiercomp.layers.kernels import RUNTIMES, set_runtime
+
+    if runtime not in RUNTIMES:
+        raise HiercompError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     path = Path(path)
     info = read_meta(path)
-    model = build_skeleton(path, info)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise HiercompError(f"{path} has no {WEIGHTS_FILE}; the folder is incomplete — compress the model again")
+    model = build_skeleton(path, info, meta=True)
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        state = read_tensors(weights)
     except Exception as err:
         raise HiercompError(f"{weights} is damaged ({str(err).splitlines()[0]}); compress the model again") from None
     for alias, stored in info.get("aliases", {}).items():
         state[alias] = state[stored]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}); "
-                            "compress the model again")
+    fill_state(model, state, weights)
+    del state
     model.eval()
+    if runtime == "fast":
+        set_runtime(model, "fast", release=True)
     return model
 
 
