@@ -26,8 +26,10 @@ from typing import Any
 
 from torch import nn
 
+from hiercomp.budget.budget import parse_budget as parse_any
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers
+from hiercomp.io.saved import _unique_state
 from hiercomp.layers.bitstack import BitStackLinear
 
 BLOCK_BUFFERS = ("signs", "u", "v")
@@ -37,8 +39,6 @@ def parse_budget(budget: str | int | float) -> tuple[str, float]:
 
     Bytes here are the tensor bytes of the weights file at that size (the safetensors header, a few hundred bytes
     to a few KB, is not counted, because it shrinks with the number of blocks loaded)."""
-    from hiercomp.budget.budget import parse_budget as parse_any
-
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         if budget <= 0:
             raise HiercompError(f"budget must be positive, got {budget}")
@@ -80,8 +80,6 @@ def global_order(layers: dict[str, BitStackLinear],
 
 def stack_meta(model: nn.Module) -> dict[str, Any]:
     """The ``bitstack`` entry of hiercomp.json ({} for a model without BitStack layers)."""
-    from hiercomp.io.saved import _unique_state
-
     layers = bitstack_layers(model)
     if not layers:
         return {}

@@ -10,16 +10,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from hiercomp.anysize import load_budget, stack_meta
+from hiercomp.budget import parse_budget
+from hiercomp.budget.evo import EvoConfig
+from hiercomp.budget.levels import DEFAULT_LEVELS
+from hiercomp.budget.search import search as run_search
 from hiercomp.calibration import CalibrationConfig, calibration_tokens
 from hiercomp.compression_report import CompressionReport
+from hiercomp.depth import apply_removals
+from hiercomp.depth.plan import choose_drops
 from hiercomp.engine import compress_model
 from hiercomp.errors import HiercompError
-from hiercomp.hierarchy import compressed_layers, walk
-from hiercomp.io.atomic import check_output_dir
+from hiercomp.hierarchy import compressed_layers, set_module, walk
+from hiercomp.io.atomic import atomic_dir, check_output_dir
 from hiercomp.io.hf import LoadedModel, as_loaded, is_compressed_dir, load_hf_model
-from hiercomp.io.saved import WEIGHTS_FILE, load_compressed, read_meta, safetensors_header_bytes, save_compressed
+from hiercomp.io.saved import (
+    WEIGHTS_FILE,
+    _unique_state,
+    load_compressed,
+    read_meta,
+    safetensors_header_bytes,
+    save_compressed,
+)
+from hiercomp.io.yamlfile import load_yaml
 from hiercomp.plan import Plan
-from hiercomp.recipe import Recipe, load_yaml
+from hiercomp.recipe import Recipe
 
 
 @dataclass
@@ -44,8 +59,6 @@ class CompressedModel:
 
     def accounted_bytes(self) -> float:
         """Exact storage: compressed layers' bits / 8 plus every other tensor's bytes (tied ones once)."""
-        from hiercomp.io.saved import _unique_state
-
         tensors, _ = _unique_state(self.model)
         compressed_names = {f"{r.name}." for r in self.report.layers}
         dense = sum(t.numel() * t.element_size() for k, t in tensors.items()
@@ -59,8 +72,6 @@ class CompressedModel:
                 "plan": None if self.plan is None else self.plan.to_dict(),
                 "accounted_bytes": self.accounted_bytes(), **self.extra}
         if any(layer.kind == "bitstack" for layer in compressed_layers(self.model).values()):
-            from hiercomp.anysize import stack_meta
-
             meta.update(stack_meta(self.model))  # BitStack: the global block order, for loading at a budget
         files = {}
         if self.plan is not None:
@@ -134,8 +145,6 @@ def compress(
         raise HiercompError("recovery (--recover-steps) distils the blocks after a removal: add --drop N "
                             "(drop=N) or a recipe with 'remove:'")
     if budget is not None:
-        from hiercomp.budget import parse_budget
-
         parse_budget(budget)  # a malformed budget fails before the model loads
     loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
     calibration = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
@@ -148,8 +157,6 @@ def compress(
     else:
         plan = Plan({})
     if drop:  # depth pruning: score and choose the units now, so the saved plan names them
-        from hiercomp.depth.plan import choose_drops
-
         plan.removed = list(dict.fromkeys([*plan.removed, *choose_drops(
             loaded.model, calibration, drop, drop_unit, drop_rule, encoder=loaded.is_encoder, seed=seed,
             progress=progress)]))
@@ -161,8 +168,6 @@ def compress(
                             "check its targets against `hiercomp info MODEL`")
     depth_facts: dict[str, Any] = {}
     if plan.removed:  # depth pruning first, so the engine compresses only (recovered) remaining layers
-        from hiercomp.depth import apply_removals
-
         depth_facts = apply_removals(loaded.model, plan.removed, calibration, recovery,
                                      encoder=loaded.is_encoder, progress=progress)
     report = CompressionReport()
@@ -183,10 +188,6 @@ def model_context(model: nn.Module) -> int | None:
 def _search(loaded: LoadedModel, budget: str, calibration: torch.Tensor | None, *, search: str = "evo",
             levels: str | None = None, evo: Any = None, seed: int = 0, cache_dir: str | Path | None = None,
             max_removed: int = 2, checkpoint: str | Path | None = None, progress: bool = True) -> Any:
-    from hiercomp.budget.evo import EvoConfig
-    from hiercomp.budget.levels import DEFAULT_LEVELS
-    from hiercomp.budget.search import search as run_search
-
     if calibration is None:
         raise HiercompError("a search needs calibration text: pass --calib FILE (.txt or .jsonl)")
     outcome = run_search(loaded, budget, calibration=calibration, search=search, levels=levels or DEFAULT_LEVELS,
@@ -214,8 +215,6 @@ def load(path: str | Path, budget: str | int | float | None = None) -> Compresse
     if budget is None:
         model = load_compressed(path)
     else:
-        from hiercomp.anysize import load_budget
-
         model, info = load_budget(path, info, budget)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -245,8 +244,6 @@ def search(
     ``out``: write the plan YAML there (and, with ``pictures``, allocation and quality-vs-size PNGs beside it).
     Apply the plan with ``compress(model, plan, calibration)``; calibration defaults are those of compress.
     """
-    from hiercomp.budget import parse_budget
-
     parse_budget(budget)
     loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
     tokens = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
@@ -279,9 +276,6 @@ def saved_size_bytes(path: str | Path) -> dict[str, int]:
 
 def export_dense(path: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a plain Hugging Face folder with dequantized weights that ``from_pretrained`` loads."""
-    from hiercomp.hierarchy import compressed_layers, set_module
-    from hiercomp.io.atomic import atomic_dir
-
     cm = load(path)
     for name, layer in compressed_layers(cm.model).items():
         set_module(cm.model, name, layer.to_linear())

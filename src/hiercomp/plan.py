@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 
 from hiercomp.errors import HiercompError
+from hiercomp.hierarchy import walk
+from hiercomp.io.yamlfile import load_yaml
 from hiercomp.methods import Method, make_method
 
 PLAN_VERSION = 1
@@ -158,15 +160,11 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        from hiercomp.recipe import load_yaml
-
         return cls.from_dict(load_yaml(path, "plan"), str(path))
 
     # -- to the engine -----------------------------------------------------------------------------
     def check(self, model: Any, source: str = "plan") -> None:
         """One-line error when the plan names layers this model does not have (a plan for another model)."""
-        from hiercomp.hierarchy import walk
-
         known = {lin.name for lin in walk(model).linears}
         unknown = sorted(set(self.layers) - known)
         if unknown:

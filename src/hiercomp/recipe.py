@@ -31,6 +31,7 @@ import yaml
 
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import ModelHierarchy
+from hiercomp.io.yamlfile import load_yaml
 from hiercomp.methods import Method, make_method
 from hiercomp.plan import MethodConfig, Plan
 
@@ -125,21 +126,3 @@ def _patterns(value: Any, source: str, rule_index: int) -> tuple[str, ...]:
         where = {-1: "top-level ignore", -2: "top-level remove"}.get(rule_index, f"rule {rule_index + 1}")
         raise HiercompError(f"{source}: {where} needs a list of name patterns")
     return tuple(value)
-
-
-MAX_YAML_BYTES = 16 * 1024 * 1024  # a recipe or plan is a few KB; never read a device or a huge file whole
-
-
-def load_yaml(path: str | Path, what: str) -> Any:
-    """A recipe or plan file's data, with one-line errors: missing, not a regular file, too large, not YAML, or
-    carrying Python tags (which ``safe_load`` refuses: nothing from a file is ever executed)."""
-    path = Path(path)
-    if not path.exists():
-        raise HiercompError(f"{what} file {path} does not exist")
-    if not path.is_file() or path.stat().st_size > MAX_YAML_BYTES:
-        raise HiercompError(f"{what} file {path} is not a regular file under {MAX_YAML_BYTES // 2**20} MiB")
-    try:
-        return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise HiercompError(f"{what} file {path} is not valid YAML ({first}); fix it or write it again") from None

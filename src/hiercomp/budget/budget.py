@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from hiercomp.errors import HiercompError
+from hiercomp.io.saved import SAFETENSORS_METADATA, _unique_state  # exactly what the saver writes
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -40,7 +41,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
               torch.bool: "BOOL"}
 OFFSET_DIGITS = 20
-METADATA = {"format": "pt", "producer": "hiercomp"}  # what io/saved.py writes
+METADATA = SAFETENSORS_METADATA
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,6 @@ def file_overhead_bytes() -> int:
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    from hiercomp.io.saved import _unique_state  # the exact rule the saver uses for tied weights
-
     return _unique_state(model)[0]
 
 

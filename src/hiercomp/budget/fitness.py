@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiercomp.budget.levels import Candidate
+from hiercomp.depth import remove_subblocks
 from hiercomp.hierarchy import set_module
 
 REFERENCE_CACHE = 4  # batches whose original outputs are kept (a selection stage reuses one batch)
@@ -71,8 +72,6 @@ class Fitness:
         if self._work is None or self._work_removed != removed:
             self._work = copy.deepcopy(self.original)
             if removed:
-                from hiercomp.depth import remove_subblocks
-
                 remove_subblocks(self._work, sorted(removed))
             self._work_removed = removed
             self._work_state = dict.fromkeys(self.layer_names)

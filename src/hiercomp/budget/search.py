@@ -27,6 +27,7 @@ from hiercomp.budget.greedy import greedy_allocate
 from hiercomp.budget.levels import DEFAULT_LEVELS, Candidate, build_candidates, parse_levels
 from hiercomp.budget.space import Genome, Space
 from hiercomp.budget.uniform import uniform_allocate
+from hiercomp.depth import list_subblocks
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import walk
 from hiercomp.plan import MethodConfig, Plan
@@ -143,8 +144,6 @@ def prepare_problem(
                                            model_fingerprint=model_fingerprint(model), progress=progress)
     subblocks: list[Any] = []
     if allow_remove:
-        from hiercomp.depth import list_subblocks
-
         subblocks = [sb for sb in list_subblocks(model, hierarchy) if sb.kind in ("attn", "mlp")]
     problem = SearchProblem.build(layers, levels, candidates, size, budget, subblocks,
                                   max_removed if allow_remove else 0)
