@@ -1,0 +1,154 @@
+"""Text generation from a compressed folder or an original model, streamed, with its speed and memory measured.
+
+Greedy by default; sampling when ``temperature > 0`` (with ``top_p`` and ``seed``). The timing splits the
+prefill (prompt to first new token) from the decode (every later token): ``decode_tokens_per_s`` is what a
+user waits on in a long answer. ``peak_rss_mb`` is the process's peak resident memory so far (model load
+included), from ``getrusage``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hiercomp.errors import HiercompError
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # the new text only
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float  # prompt in, first new token out
+    decode_s: float  # the tokens after the first
+    peak_rss_mb: float
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"{self.new_tokens} new tokens: {self.decode_tokens_per_s:.1f} tokens/s decode, prefill of "
+                f"{self.prompt_tokens} tokens {self.prefill_s:.2f} s; peak memory {self.peak_rss_mb:.0f} MB")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _TimedStreamer:
+    """A transformers streamer: writes decoded text as it comes (through TextStreamer's word-boundary logic)
+    and stamps the time of every new token."""
+
+    def __init__(self, tokenizer: Any, write: Callable[[str], None] | None) -> None:
+        from transformers import TextStreamer
+
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+        self._text = None
+        if write is not None:
+            self._text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self._text.on_finalized_text = lambda text, stream_end=False: write(text + ("\n" if stream_end else ""))
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self._prompt_seen = True
+        if self._text is not None:
+            self._text.put(value)
+
+    def end(self) -> None:
+        if self._text is not None:
+            self._text.end()
+
+
+def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str]]:
+    """(module, tokenizer, notes) from a path (compressed folder or original) or a loaded model."""
+    from hiercomp.layers.kernels import RUNTIMES, set_runtime
+
+    if runtime not in RUNTIMES:
+        raise HiercompError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    notes: list[str] = []
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from hiercomp.api import load_any
+
+        model = load_any(model)
+    module, tokenizer = getattr(model, "model", model), getattr(model, "tokenizer", None)
+    if getattr(model, "is_encoder", False) or not hasattr(module, "generate"):
+        raise HiercompError("generate needs a causal language model; this one is an encoder")
+    if tokenizer is None:
+        raise HiercompError("this model has no tokenizer files; save them beside the model to generate text")
+    paths = set_runtime(module, runtime)
+    if runtime == "fast" and any(p == "reference" for p in paths.values()):
+        notes.append(f"{sum(p == 'reference' for p in paths.values())} of {len(paths)} compressed layers have "
+                     "no fast path and compute through dequantize")
+    return module, tokenizer, notes
+
+
+def generate(
+    model: Any,
+    prompt: str,
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    runtime: str = "fast",
+    stream: Callable[[str], None] | None = None,
+    past_key_values: Callable[[Any], Any] | None = None,
+) -> GenerationResult:
+    """Generate from ``model`` (a compressed folder, an original model folder, or a loaded CompressedModel).
+
+    ``chat``: wrap the prompt in the tokenizer's chat template (a note says so when the model has none).
+    ``stream``: called with each finished piece of text (e.g. ``sys.stdout.write``); None prints nothing.
+    ``past_key_values``: a factory ``f(model) -> cache`` (a transformers Cache), for compressed KV caches.
+    ``runtime``: ``"fast"`` (the layers' kernels) or ``"reference"`` (dequantize at every forward: slow).
+    """
+    if max_new_tokens < 1:
+        raise HiercompError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise HiercompError("temperature must be ≥ 0 and top-p in (0, 1]")
+    module, tokenizer, notes = _load(model, runtime)
+    if chat and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        input_ids = encoded["input_ids"]
+    else:
+        if chat:
+            notes.append("the model has no chat template: the prompt goes in as plain text")
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    extra = {}
+    if past_key_values is not None:  # transformers 5.x renamed generate's past_key_values to cache
+        import inspect
+
+        key = "cache" if "cache" in inspect.signature(module.generate).parameters else "past_key_values"
+        extra[key] = past_key_values(module)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = _TimedStreamer(tokenizer, stream)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                              streamer=streamer, pad_token_id=pad, **sampling, **extra)
+    new = out[0, input_ids.shape[1]:]
+    stamps = streamer.stamps or [time.perf_counter()]
+    return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
+                            new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
+                            peak_rss_mb=peak_rss_mb(), notes=tuple(notes))
+
+
+def print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
