@@ -60,4 +60,5 @@ from hiercomp.cli.search import search_cmd  # noqa: E402
 for _command in (compress, eval_cmd, info, export, methods_cmd, demo, report, search_cmd):
     cli.add_command(_command)
 from hiercomp.cli.generate import generate_cmd  # noqa: E402
+
 cli.add_command(generate_cmd)
