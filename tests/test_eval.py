@@ -330,3 +330,22 @@ def test_every_input_is_checked_before_any_model_is_loaded(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert fragment in err, err
+
+
+@needs_stories
+def test_progress_bars_name_the_model_and_the_step(tmp_path, capsys):
+    """Each bar says which model it measures and what: no two bars with one label (issue 17)."""
+    from hiercomp.evaluation import evaluate
+
+    tasks = shared_data() / "tasks"
+    if not (tasks / "piqa_validation.jsonl").is_file():
+        pytest.skip("../shared/data/tasks is absent")
+    text = tmp_path / "held_out.txt"
+    text.write_text(TINYSTORIES.read_text()[:6000])
+    result = evaluate(str(STORIES), text=text, reference=str(STORIES), seq_len=128, max_windows=2, tasks=["piqa"],
+                      data_dir=tasks, limit=2, progress=True)
+    err = capsys.readouterr().err
+    for label in ("hf: perplexity", "original: perplexity", "hf: KL / top-1 to the original", "hf: piqa",
+                  "original: piqa"):
+        assert label in err, label
+    assert result["verdicts"]["piqa"] == {"acc": "matches", "acc_norm": "matches"}  # a model against itself

@@ -29,6 +29,7 @@ def run_demo(out: str, bits: int = 4, limit: int = 300, force: bool = False, pro
              calib_sequences: int = 128, calib_len: int = 128) -> dict:
     from hiercomp.api import compress
     from hiercomp.calibration import CalibrationConfig, load_calibration
+    from hiercomp.cli._common import fmt_bytes
     from hiercomp.eval import load_squad_pairs
     from hiercomp.evaluation import evaluate
     from hiercomp.io.atomic import check_output_dir
@@ -62,10 +63,11 @@ def run_demo(out: str, bits: int = 4, limit: int = 300, force: bool = False, pro
         result = evaluate(out, reference=model_dir, squad=eval_file, progress=progress)
     click.echo("")
     click.echo(f"{'':28}{'original':>14}{'compressed':>14}")
-    click.echo(f"{'size of the weights file':28}{result['reference_size_bytes']:>14,}{result['size_bytes']:>14,}")
+    click.echo(f"{'size of the weights file':28}{fmt_bytes(result['reference_size_bytes']):>14}"
+               f"{fmt_bytes(result['size_bytes']):>14}   (MB = 10^6 bytes)")
     dense_bits = float(torch.finfo(next(cm.model.parameters()).dtype).bits)
     kept_dense = result["size_bytes"] - cm.report.compressed_bits / 8
-    click.echo(f"{'  of which kept as they were':28}{'':>14}{kept_dense:>14,.0f}   (embeddings, norms, pooler)")
+    click.echo(f"{'  of which kept as they were':28}{'':>14}{fmt_bytes(kept_dense):>14}   (embeddings, norms, pooler)")
     click.echo(f"{'bits per weight (linears)':28}{dense_bits:>14.3f}{result['bits_per_weight']:>14.3f}")
     click.echo(f"{'SQuAD retrieval recall@1':28}{result['reference_recall_at_1']:>14.4f}{result['recall_at_1']:>14.4f}")
     click.echo(f"{'cosine to original':28}{1.0:>14.4f}{result['cosine']:>14.4f}")

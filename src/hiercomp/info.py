@@ -28,10 +28,13 @@ def _describe_compressed(path: Path) -> tuple[str, dict[str, Any]]:
     layers = report.get("layers", [])
     sizes = saved_size_bytes(path)
     width = max([len(r["name"]) for r in layers] + [5])
-    lines = [f"{'layer':<{width}}  {'method':<42} {'shape':>11} {'bpw':>7} {'rel.out.err':>11} {'rel.w.err':>10}"]
+    # The method column is as wide as its longest entry: a cut description would misstate the parameters.
+    method_width = max([len(r["method"]) for r in layers] + [6])
+    lines = [f"{'layer':<{width}}  {'method':<{method_width}} {'shape':>11} {'bpw':>7} {'rel.out.err':>11} "
+             f"{'rel.w.err':>10}"]
     for r in layers:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
-        lines.append(f"{r['name']:<{width}}  {r['method'][:42]:<42} {shape:>11} {r['bits_per_weight']:>7.3f} "
+        lines.append(f"{r['name']:<{width}}  {r['method']:<{method_width}} {shape:>11} {r['bits_per_weight']:>7.3f} "
                      f"{_fmt_err(r['rel_output_error']):>11} {_fmt_err(r['rel_weight_error']):>10}")
     bpw = report.get("bits_per_weight", 16.0)
     lines.append("")
