@@ -1,6 +1,6 @@
 """Incoherence processing as a modifier: ``rot_<method>`` quantizes a randomly rotated weight with <method>.
 
-For every scalar quantizer here (rtn, gptq, hqq, hlq, hlq_gptq) a rotated variant is
+For every scalar quantizer here (rtn, gptq, hqq, hlq, hlq_gptq) and the trellis a rotated variant is
 registered under ``rot_<name>``, with the same parameters plus ``rotation_seed``. It draws the randomized
 Hadamard transforms T_in, T_out from the seed, hands W' = T_out W T_inᵀ to the quantizer, and, when the
 quantizer uses the calibration Hessian (GPTQ and its kin), the Hessian of the rotated inputs
@@ -20,11 +20,11 @@ import torch
 
 from hiercomp.layers import CompressedLinear
 from hiercomp.layers.rotated import RotatedLinear
-from hiercomp.methods import gptq, hlq, hqq, rtn, vq  # noqa: F401  (the quantizers wrapped below, registered first)
+from hiercomp.methods import gptq, hlq, hqq, rtn, trellis, vq  # noqa: F401  (the quantizers wrapped below, registered first)
 from hiercomp.methods.base import METHODS, LayerStats, Method, register_method
 from hiercomp.quant.hadamard import RandomHadamard, derived_seed, rotate_hessian, rotate_weight
 
-ROTATABLE = ("rtn", "gptq", "hqq", "hlq", "hlq_gptq")
+ROTATABLE = ("rtn", "gptq", "hqq", "hlq", "hlq_gptq", "trellis")
 PREFIX = "rot_"
 
 

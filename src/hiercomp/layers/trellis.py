@@ -1,0 +1,124 @@
+"""Trellis-coded quantization with a bitshift trellis and a computed codebook (QTIP's construction).
+
+Tseng et al., "QTIP: Quantization with Trellises and Incoherence Processing" (NeurIPS 2024). Each output
+row is one sequence. The decoder keeps an L-bit state; every weight shifts k new bits into it,
+s_t = ((s_{t−1} << k) | b_t) mod 2^L, and reads its value from a codebook of 2^L values indexed by the
+state: k bits per weight, yet each value is chosen from 2^L, and the encoder (Viterbi) picks the whole
+path that minimises the row's squared error. The codebook is computed, never stored: value(s) is the
+Gaussian quantile of a hashed uniform, Φ⁻¹((h(s) + ½) / 2^32), an iid-Gaussian-like codebook as QTIP's
+random-Gaussian one (the rows should be Gaussian-like: use it under incoherence processing).
+
+Stored, exactly: per row, the L − k low bits of the state before the first weight and k bits per weight
+(out · (L − k + in · k) bits, one bit stream), and one float16 scale per row.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from hiercomp.layers.base import CompressedLinear, register_layer
+from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
+from hiercomp.quant.grid import SCALE_BITS, SCALE_DTYPE
+
+
+@functools.lru_cache(maxsize=8)
+def trellis_codebook(state_bits: int) -> torch.Tensor:
+    """The 2^L computed codebook values (float32, unit variance), from a 32-bit integer hash of each state."""
+    s = torch.arange(2**state_bits, dtype=torch.int64)
+    h = (s * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF  # multiplicative hash, then xorshift mixing
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    h ^= h >> 12
+    h = (h * 0x297A2D39) & 0xFFFFFFFF
+    h ^= h >> 15
+    u = (h.double() + 0.5) / 2.0**32
+    values = torch.special.ndtri(u)
+    return (values / values.std()).float()
+
+
+def viterbi(rows: torch.Tensor, state_bits: int, k: int) -> torch.Tensor:
+    """The minimum-squared-error state path (rows, T) int64 for each row of ``rows`` (already scaled)."""
+    codebook = trellis_codebook(state_bits)
+    n_low = 2 ** (state_bits - k)
+    n_rows, steps = rows.shape
+    # As many rows at once as keep the costs near 2M floats and the back-pointers under 256 MB.
+    batch = max(1, min(2**21 >> state_bits, 2**28 // (steps * n_low)))
+    paths = torch.empty(n_rows, steps, dtype=torch.int64)
+    for r0 in range(0, n_rows, batch):
+        w = rows[r0 : r0 + batch].float()
+        nb = w.shape[0]
+        back = torch.empty(steps, nb, n_low, dtype=torch.int8)
+        cost = (w[:, :1] - codebook).pow(2)  # every state is reachable at the first weight
+        for t in range(1, steps):
+            best, arg = cost.view(nb, 2**k, n_low).min(dim=1)  # predecessors share the low L − k bits
+            back[t] = arg.to(torch.int8)
+            cost = (best.unsqueeze(-1) + (w[:, t : t + 1] - codebook).pow(2).view(nb, n_low, 2**k)).view(nb, -1)
+        state = cost.argmin(dim=1)
+        for t in range(steps - 1, -1, -1):
+            paths[r0 : r0 + nb, t] = state
+            if t:
+                high = back[t].gather(1, (state >> k).unsqueeze(1)).squeeze(1).long()
+                state = (high << (state_bits - k)) | (state >> k)
+    return paths
+
+
+def paths_to_bits(paths: torch.Tensor, state_bits: int, k: int) -> torch.Tensor:
+    """(rows, L − k + T·k) bits: the first state's high L − k bits (= the start state's low bits), then the
+    k new bits of every step."""
+    first = paths[:, :1] >> k
+    head = (first >> torch.arange(state_bits - k - 1, -1, -1)) & 1
+    steps = paths & (2**k - 1)
+    body = (steps.unsqueeze(-1) >> torch.arange(k - 1, -1, -1)) & 1
+    return torch.cat([head, body.reshape(paths.shape[0], -1)], dim=1)
+
+
+def bits_to_states(bits: torch.Tensor, state_bits: int, k: int, steps: int) -> torch.Tensor:
+    """Inverse of :func:`paths_to_bits`: the state of every step (rows, T). The state after step t is the
+    L-bit window [t·k, t·k + L) of the row's bit stream."""
+    windows = bits.long().unfold(1, state_bits, k)[:, :steps]  # (rows, T, L), most significant bit first
+    return (windows * (2 ** torch.arange(state_bits - 1, -1, -1))).sum(-1)
+
+
+@register_layer
+class TrellisLinear(CompressedLinear):
+    kind = "trellis"
+
+    def __init__(self, bits: int, state_bits: int, paths: torch.Tensor | None, scales: torch.Tensor | None,
+                 bias: torch.Tensor | None, origin: str = "linear", shape: tuple[int, int] | None = None) -> None:
+        out_features, in_features = shape
+        super().__init__(in_features, out_features, bias, origin)
+        if not 1 <= bits < state_bits <= 20:
+            raise ValueError(f"trellis needs 1 <= bits < state_bits <= 20, got bits={bits}, state_bits={state_bits}")
+        self.bits, self.state_bits = bits, state_bits
+        count = out_features * self.row_bits()
+        if paths is None:
+            self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
+            return
+        self.register_buffer("bitstream", pack_bits(paths_to_bits(paths, state_bits, bits), 1))
+        self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(out_features).clone())
+
+    def row_bits(self) -> int:
+        return self.state_bits - self.bits + self.in_features * self.bits
+
+    def states(self) -> torch.Tensor:
+        bits = unpack_bits(self.bitstream, 1, self.out_features * self.row_bits()).view(self.out_features, -1)
+        return bits_to_states(bits, self.state_bits, self.bits, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.scales.float().unsqueeze(1) * trellis_codebook(self.state_bits)[self.states()]
+
+    def weight_storage_bits(self) -> dict[str, int]:
+        return {"bitstream": self.out_features * self.row_bits(), "scales": self.out_features * SCALE_BITS}
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "state_bits": self.state_bits}
+
+    @classmethod
+    def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> TrellisLinear:
+        bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
+        return cls(config["bits"], config["state_bits"], None, None, bias, config["origin"],
+                   shape=(config["out_features"], config["in_features"]))
