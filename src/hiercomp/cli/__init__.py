@@ -62,3 +62,5 @@ for _command in (compress, eval_cmd, info, export, methods_cmd, demo, report, se
 from hiercomp.cli.generate import generate_cmd  # noqa: E402
 
 cli.add_command(generate_cmd)
+from hiercomp.cli.context import context_cmd  # noqa: E402
+cli.add_command(context_cmd)

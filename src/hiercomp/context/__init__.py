@@ -8,8 +8,14 @@
 * :func:`mutual_information`: He et al.'s Monte-Carlo estimate of I(X; Z | Q) for any compressor.
 """
 
+from hiercomp.context.baselines import RandomWords, Truncation
+from hiercomp.context.cascade import Cascade
+from hiercomp.context.extractive import DocumentFilter, SentenceSelector
+from hiercomp.context.information import MutualInformation, mutual_information, score_compressor
 from hiercomp.context.result import CompressionResult, TokenBudget, parse_token_budget
 from hiercomp.context.scorer import ScorerLM, as_scorer
 from hiercomp.context.tokens import TokenPruner
 
-__all__ = ["CompressionResult", "ScorerLM", "TokenBudget", "TokenPruner", "as_scorer", "parse_token_budget"]
+__all__ = ["Cascade", "CompressionResult", "DocumentFilter", "MutualInformation", "RandomWords", "ScorerLM",
+           "SentenceSelector", "TokenBudget", "TokenPruner", "Truncation", "as_scorer", "mutual_information",
+           "parse_token_budget", "score_compressor"]

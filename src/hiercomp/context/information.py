@@ -31,6 +31,7 @@ import torch
 from hiercomp.context.scorer import ScorerLM, as_scorer
 from hiercomp.errors import HiercompError
 from hiercomp.eval.perplexity import model_device
+from hiercomp.tasks.multiple_choice import cache_argument, returned_cache
 
 CONTEXT_PROMPT = "Text: {context}\n"
 QUESTION_PROMPT = "Question: {question}\nShortened text:"
@@ -70,6 +71,7 @@ def log_likelihoods(predictor: ScorerLM, contexts: list[str], continuations: lis
     model, device = predictor.model, model_device(predictor.model)
     start = [] if predictor.start_id is None else [predictor.start_id]
     rows = [c + s for c, s in zip(continuations, scored)]
+    cache_name = cache_argument(model)
     out = torch.zeros(len(rows), len(contexts), dtype=torch.float64)
     with torch.inference_mode():
         for l, context in enumerate(contexts):
@@ -88,10 +90,13 @@ def log_likelihoods(predictor: ScorerLM, contexts: list[str], continuations: lis
                 for k, r in enumerate(batch):
                     ids[k, :len(r)] = torch.tensor(r)
                     mask[k, len(prefix):len(prefix) + len(r)] = 1
-                cache = copy.deepcopy(first.past_key_values)
+                cache = copy.deepcopy(returned_cache(first))
+                if cache is None:
+                    raise HiercompError("the predictor returns no KV cache; the MI estimate needs a causal LM "
+                                        "with a cache (any Hugging Face decoder)")
                 cache.batch_repeat_interleave(len(batch))
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                               use_cache=True).logits.float()
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                               **{cache_name: cache}).logits.float()
                 # Logits predicting row position t come from position t-1 (position 0 from the prefix's last).
                 prev = first.logits[0, -1].float().expand(len(batch), 1, -1)
                 logp = torch.log_softmax(torch.cat([prev, logits[:, :-1]], dim=1), dim=-1)

@@ -1,0 +1,48 @@
+"""Build a context compressor by name, as the CLI and the task runner name them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hiercomp.errors import HiercompError
+
+METHODS = ("tokens", "sentences", "documents", "cascade", "truncate", "random")
+DESCRIPTIONS = {
+    "tokens": "drop low-information words (self-information under the scorer LM, question-aware), exact budget",
+    "sentences": "keep the sentences most similar to the question (MiniLM), at or under the budget",
+    "documents": "keep the blank-line-separated documents most similar to the question, at or under the budget",
+    "cascade": "sentences to twice the budget, then tokens to the budget exactly",
+    "truncate": "keep the first words (baseline), exact budget",
+    "random": "keep random words (baseline, seeded), exact budget",
+}
+
+
+def build_compressor(method: str, target: Any, scorer: Any = None, question_weight: float = 1.0,
+                     threshold: float | None = None, ranker: str = "embedding", encoder: Any = None,
+                     segment_tokens: int = 64, seed: int = 0) -> Any:
+    """A compressor ``c(text, question=..., budget=...) -> CompressionResult``; ``target`` counts the budget
+    (a tokenizer or model folder); ``scorer`` is the causal LM of the tokens method and the likelihood ranker."""
+    from hiercomp.context import Cascade, DocumentFilter, RandomWords, SentenceSelector, TokenPruner, Truncation
+
+    if method not in METHODS:
+        raise HiercompError(f"unknown context method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("tokens", "cascade") and scorer is None:
+        raise HiercompError(f"the {method} method needs a scorer LM (a causal LM folder)")
+
+    def tokens() -> Any:
+        return TokenPruner(scorer, target=target, segment_tokens=segment_tokens, question_weight=question_weight)
+
+    def extractive(kind: Any) -> Any:
+        return kind(ranker=ranker, encoder=encoder, scorer=scorer, target=target, threshold=threshold)
+
+    if method == "tokens":
+        return tokens()
+    if method == "sentences":
+        return extractive(SentenceSelector)
+    if method == "documents":
+        return extractive(DocumentFilter)
+    if method == "cascade":
+        return Cascade(extractive(SentenceSelector), tokens())
+    if method == "truncate":
+        return Truncation(target)
+    return RandomWords(target, seed=seed)
