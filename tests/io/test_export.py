@@ -56,8 +56,9 @@ def reference(folder) -> torch.nn.Module:
     """hiercomp's model on its reference path: every compressed layer as the dense weight it stores exactly
     (a fast kernel may round activations differently; exports are exact against the stored form)."""
     from hiercomp.hierarchy import compressed_layers, set_module
+    from hiercomp.io.export_ct import load_stored
 
-    model = hiercomp.load(folder).model
+    model = load_stored(folder).model
     for name, layer in compressed_layers(model).items():
         set_module(model, name, layer.to_linear())
     return model
@@ -151,12 +152,13 @@ def gguf_weights(path) -> dict[str, np.ndarray]:
 ])
 def test_gguf_reader_gets_our_weights_back(compressed, tmp_path, name, prefer, types, bound):
     from hiercomp.hierarchy import compressed_layers
+    from hiercomp.io.export_ct import load_stored
     from hiercomp.io.gguf_export import rope_permutation
 
     folder = compressed(name)
     result = export_gguf_file(folder, tmp_path / "m.gguf", prefer)
     back, kinds = gguf_weights(tmp_path / "m.gguf")
-    model = hiercomp.load(folder).model
+    model = load_stored(folder).model
     for layer_name, layer in compressed_layers(model).items():
         i, short = layer_name.split(".")[2], layer_name.rsplit(".", 1)[1]
         key = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

@@ -59,6 +59,19 @@ def layer_kind(layer: Any) -> str:
     return getattr(layer, "kind", type(layer).__name__)
 
 
+def load_stored(path: str | Path) -> Any:
+    """``hiercomp.load`` on the reference path: exports read the stored codes and scales, so building the fast
+    kernels (a conversion per layer) would only cost time. (``runtime`` is new in hiercomp.load; older ones
+    have only the reference path.)"""
+    import inspect
+
+    from hiercomp.api import load
+
+    if "runtime" in inspect.signature(load).parameters:
+        return load(path, runtime="reference")
+    return load(path)
+
+
 def ct_scheme(layer: Any) -> tuple[int, int | None, bool] | str:
     """(bits, group_size or None for channel, symmetric) when compressed-tensors can hold ``layer`` exactly,
     else the reason it cannot."""
@@ -104,12 +117,11 @@ def export_compressed_tensors(path: str | Path, out: str | Path, force: bool = F
         apply_quantization_config,
     )
 
-    from hiercomp.api import load
     from hiercomp.hierarchy import compressed_layers, set_module
     from hiercomp.io.atomic import atomic_dir, check_output_dir
 
     check_output_dir(out, force)
-    cm = load(path)
+    cm = load_stored(path)
     model = cm.model
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     result = ExportResult(Path(out), "compressed-tensors")

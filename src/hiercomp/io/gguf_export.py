@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hiercomp.errors import HiercompError
-from hiercomp.io.export_ct import ExportResult, layer_kind, summarize_names
+from hiercomp.io.export_ct import ExportResult, layer_kind, load_stored, summarize_names
 
 GGUF_ARCHS = ("llama", "mistral")
 PREFER = ("exact", "compact")
@@ -275,7 +275,6 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
     reads it every token: on a small model it is most of the bytes read per decoded token).
     """
     gguf = _gguf()
-    from hiercomp.api import load
     from hiercomp.hierarchy import compressed_layers
     from hiercomp.io.hf import load_config
 
@@ -289,7 +288,7 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
     if out.is_dir():
         raise HiercompError(f"{out} is a folder; the GGUF export writes one file (e.g. --out model.gguf)")
     check_gguf_architecture(load_config(str(path)))  # before the (slower) load of the packed model
-    cm = load(path)
+    cm = load_stored(path)
     model, config = cm.model, cm.model.config
     check_gguf_architecture(config, cm.extra.get("removed"))
     if cm.tokenizer is None:
