@@ -1,8 +1,9 @@
 """Run LLMLingua / LongLLMLingua 0.2.2 (the anchor) in its own venv: ``/work/venvs/llmlingua/bin/python
 benchmarks/peer_llmlingua.py IN.json OUT.json``. Called by ``benchmarks/context.py``; never imported by hiercomp.
 
-IN.json: ``{"model": folder, "method": "llmlingua" | "longllmlingua", "items": [{"context", "question",
-"target_token"}]}``. OUT.json: one ``{"text", "origin_tokens", "compressed_tokens", "seconds"}`` per item.
+IN.json: ``{"model": folder, "method": "llmlingua" | "longllmlingua", "iterative_size": 200, "items":
+[{"context", "question", "target_token"}]}``. OUT.json: one ``{"text", "origin_tokens", "compressed_tokens",
+"seconds"}`` per item.
 
 Offline fixes, none of which changes the algorithm: ``tiktoken.encoding_for_model`` would download GPT-3.5's
 vocabulary, and LLMLingua uses it only to *report* token counts, so it is replaced by the scorer's own tokenizer
@@ -64,7 +65,8 @@ def main(src: str, dst: str) -> None:
     for item in job["items"]:
         start = time.perf_counter()
         res = compressor.compress_prompt([item["context"]], question=item["question"] if long else "",
-                                         target_token=item["target_token"], concate_question=False, **options)
+                                         target_token=item["target_token"], concate_question=False,
+                                         iterative_size=job.get("iterative_size", 200), **options)
         out.append({"text": res["compressed_prompt"], "origin_tokens": res["origin_tokens"],
                     "compressed_tokens": res["compressed_tokens"], "seconds": time.perf_counter() - start})
     json.dump(out, open(dst, "w"))

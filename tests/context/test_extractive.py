@@ -56,7 +56,8 @@ def test_documents_then_tokens_lands_exactly(stories_scorer, stories):
     docs = DocumentFilter(target=stories_scorer.tokenizer)
     coarse = docs(text, question="What did the cow want?", budget="0.5x")
     assert len(coarse.kept) < 4 and coarse.kept_tokens <= coarse.budget_tokens
-    cascade = Cascade(docs, TokenPruner(stories_scorer), coarse_factor=2.0)
+    covering = DocumentFilter(target=stories_scorer.tokenizer, cover=True)
+    cascade = Cascade(covering, TokenPruner(stories_scorer), coarse_factor=2.0)
     result = cascade(text, question="What did the cow want?", budget="0.15x")
     assert result.kept_tokens == result.budget_tokens == _count(stories_scorer.tokenizer, result.text)
 

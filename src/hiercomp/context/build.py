@@ -11,7 +11,7 @@ DESCRIPTIONS = {
     "tokens": "drop low-information words (self-information under the scorer LM, question-aware), exact budget",
     "sentences": "keep the sentences most similar to the question (MiniLM), at or under the budget",
     "documents": "keep the blank-line-separated documents most similar to the question, at or under the budget",
-    "cascade": "sentences to twice the budget, then tokens to the budget exactly",
+    "cascade": "the best sentences until they cover twice the budget, then tokens to the budget exactly",
     "truncate": "keep the first words (baseline), exact budget",
     "random": "keep random words (baseline, seeded), exact budget",
 }
@@ -32,8 +32,8 @@ def build_compressor(method: str, target: Any, scorer: Any = None, question_weig
     def tokens() -> Any:
         return TokenPruner(scorer, target=target, segment_tokens=segment_tokens, question_weight=question_weight)
 
-    def extractive(kind: Any) -> Any:
-        return kind(ranker=ranker, encoder=encoder, scorer=scorer, target=target, threshold=threshold)
+    def extractive(kind: Any, cover: bool = False) -> Any:
+        return kind(ranker=ranker, encoder=encoder, scorer=scorer, target=target, threshold=threshold, cover=cover)
 
     if method == "tokens":
         return tokens()
@@ -42,7 +42,7 @@ def build_compressor(method: str, target: Any, scorer: Any = None, question_weig
     if method == "documents":
         return extractive(DocumentFilter)
     if method == "cascade":
-        return Cascade(extractive(SentenceSelector), tokens())
+        return Cascade(extractive(SentenceSelector, cover=True), tokens())
     if method == "truncate":
         return Truncation(target)
     return RandomWords(target, seed=seed)

@@ -13,7 +13,9 @@ rendered text), then put back in their original order. Units whose score is belo
 kept, so with a threshold the selection is *selective*: when no unit clears it, the result is the empty text
 (RECOMP's "retrieval does not help" output) and says so. A unit alone larger than the whole budget is skipped
 and smaller ones are tried, so the result is at or under the budget, never over, but rarely exactly on it:
-put a :class:`hiercomp.context.Cascade` with a TokenPruner after it to land exactly.
+put a :class:`hiercomp.context.Cascade` with a TokenPruner after it to land exactly. With ``cover=True`` (the
+coarse step of a cascade) the best units are kept until they reach the budget, the crossing unit included
+(LLMLingua's budget controller), so the finer step always has enough to cut from.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ class _Extractive:
     uses_question = True
 
     def __init__(self, ranker: str = "embedding", encoder: Any = None, scorer: Any = None, target: Any = None,
-                 threshold: float | None = None) -> None:
+                 threshold: float | None = None, cover: bool = False) -> None:
         if ranker not in RANKERS:
             raise HiercompError(f"unknown ranker {ranker!r}; choose {' or '.join(RANKERS)}")
         self.ranker = ranker
         self.threshold = threshold
+        self.cover = cover
         self.scorer: ScorerLM | None = None
         self.encoder: tuple[torch.nn.Module, Any] | None = None
         if ranker == "likelihood":
@@ -118,7 +121,11 @@ class _Extractive:
         costs = unit_costs(units, self.count)
         kept: list[int] = []
         for i in sorted(eligible, key=lambda i: (-scores[i], i)):
-            if costs[i] <= target_tokens and self.count(units.render(sorted([*kept, i]))) <= target_tokens:
+            if self.cover:  # the coarse step of a cascade: the best units until the budget is covered
+                kept.append(i)
+                if self.count(units.render(sorted(kept))) >= target_tokens:
+                    break
+            elif costs[i] <= target_tokens and self.count(units.render(sorted([*kept, i]))) <= target_tokens:
                 kept.append(i)
         kept_tuple = tuple(sorted(kept))
         out = units.render(kept_tuple)
