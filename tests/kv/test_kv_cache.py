@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = ["kivi:bits=2", "kivi:bits=4,group_size=16,residual=16", "mustafar:sparsity=0.7",
          "streaming:budget=48", "snapkv:ratio=0.5", "h2o:budget=0.4x", "ems:ratio=0.6",
-         "snapkv:ratio=0.5+kivi:bits=2", "h2o:budget=48+mustafar:sparsity=0.5"]
+         "snapkv:ratio=0.5+kivi:bits=2", "h2o:budget=48+mustafar:sparsity=0.5",
+         "cskv:rank=12", "snapkv:ratio=0.5+cskv:rank=8"]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,19 @@ def test_mustafar_keeps_the_largest_entries_exactly():
     assert ((k != 0).sum(-1) == 8).all()
     kept = x.abs().topk(8, dim=-1).values
     assert torch.allclose(k.abs().sort(-1, descending=True).values[..., :8], kept, atol=1e-2)
+
+
+def test_cskv_low_rank_round_trip():
+    from hiercomp.kv.methods.cskv import CSKV
+    torch.manual_seed(0)
+    # keys of rank 6 across 2 heads × 16 channels: a rank-6 projection reconstructs them to fp16 precision
+    x = (torch.randn(1, 64, 6) @ torch.randn(6, 32)).reshape(1, 64, 2, 16).transpose(1, 2)
+    enc = CSKV(rank=6)
+    k, _ = enc.decode(enc.encode(x, x), torch.float32)
+    assert (k - x).abs().max() < 0.02 * x.abs().max()
+    low = CSKV(rank=2)
+    k2, _ = low.decode(low.encode(x, x), torch.float32)
+    assert (k2 - x).norm() > 10 * (k - x).norm()
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -125,8 +125,11 @@ class Encoder:
     def chunk(self) -> int:
         return 16
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Tensors whose dim 2 runs along tokens (so blocks concatenate along dim 2)."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors whose dim 2 runs along tokens (so blocks concatenate along dim 2), except ``fixed_*`` entries
+        (per-layer parameters such as CSKV's projections, batch first) that are fit once and reused via
+        ``previous`` (the layer's encoded store so far, None when encoding from scratch)."""
         raise NotImplementedError
 
     def decode(self, enc: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +139,12 @@ class Encoder:
         """Bytes of one encoded token of one layer (K and V, all KV heads, batch 1), metadata included."""
         raise NotImplementedError
 
+    def fixed_bytes(self, heads: int, head_dim: int) -> float:
+        """Bytes of the ``fixed_*`` parameters per layer and sequence (CSKV's projections), 0 for most encoders."""
+        return 0.0
+
     def prepare(self, layer_idx: int, heads: int, head_dim: int) -> None:
-        """Hook for encoders with per-layer parameters (CSKV's projections)."""
+        """Hook for encoders that check the layer's shape before the first token."""
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

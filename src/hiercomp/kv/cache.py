@@ -146,11 +146,12 @@ class KVLayer(adapter.CacheLayerMixin):
         if n_move == 0:
             return
         block = self.encoder.encode(self.keys[:, :, :n_move].to(self.compute_dtype),
-                                    self.values[:, :, :n_move].to(self.compute_dtype))
+                                    self.values[:, :, :n_move].to(self.compute_dtype), self.encoded)
         if self.encoded is None:
             self.encoded = block
         else:
-            self.encoded = {k: torch.cat([self.encoded[k], block[k]], dim=2) for k in block}
+            self.encoded = {k: v if k.startswith("fixed_") else torch.cat([self.encoded[k], v], dim=2)
+                            for k, v in block.items()}
         self.n_encoded += n_move
         self.keys = self.keys[:, :, n_move:].contiguous().clone()
         self.values = self.values[:, :, n_move:].contiguous().clone()
@@ -164,7 +165,8 @@ class KVLayer(adapter.CacheLayerMixin):
         if self.encoder is not None:
             n_enc = max(n - self.encoder.residual, 0) // self.encoder.chunk * self.encoder.chunk
         enc = self.encoder.bytes_per_token(self.heads, self.head_dim) if self.encoder is not None else 0.0
-        return self.batch * (n_enc * enc + (n - n_enc) * tail_bytes + n * state_bytes)
+        fixed = self.encoder.fixed_bytes(self.heads, self.head_dim) if n_enc else 0.0
+        return self.batch * (n_enc * enc + fixed + (n - n_enc) * tail_bytes + n * state_bytes)
 
     def accounted_bytes(self) -> float:
         if not self.is_initialized:
@@ -174,7 +176,8 @@ class KVLayer(adapter.CacheLayerMixin):
         state = sum(t.numel() * t.element_size() for t in self.state.values())
         enc = 0.0
         if self.encoder is not None and self.n_encoded:
-            enc = self.batch * self.n_encoded * self.encoder.bytes_per_token(self.heads, self.head_dim)
+            per_token = self.encoder.bytes_per_token(self.heads, self.head_dim)
+            enc = self.batch * (self.n_encoded * per_token + self.encoder.fixed_bytes(self.heads, self.head_dim))
         return tail + state + enc
 
     def held_bytes(self) -> int:

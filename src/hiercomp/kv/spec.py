@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hiercomp.errors import HiercompError
 from hiercomp.kv.base import Budget, Encoder, Evictor
+from hiercomp.kv.methods.cskv import CSKV
 from hiercomp.kv.methods.ems import EMS
 from hiercomp.kv.methods.h2o import H2O
 from hiercomp.kv.methods.kivi import KIVI
@@ -18,7 +19,7 @@ from hiercomp.kv.methods.snapkv import SnapKV
 from hiercomp.kv.methods.streaming import StreamingLLM
 
 EVICTORS: dict[str, type[Evictor]] = {cls.name: cls for cls in (StreamingLLM, SnapKV, H2O, EMS)}
-ENCODERS: dict[str, type[Encoder]] = {cls.name: cls for cls in (KIVI, Mustafar)}
+ENCODERS: dict[str, type[Encoder]] = {cls.name: cls for cls in (KIVI, Mustafar, CSKV)}
 
 
 def register_encoder(cls: type[Encoder]) -> None:

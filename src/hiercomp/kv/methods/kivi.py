@@ -46,7 +46,8 @@ class KIVI(Encoder):
             raise HiercompError(f"kivi: group_size={self.group_size} does not divide head_dim {head_dim}")
         return group
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         b, h, n, d = keys.shape
         g = self.group_size
         if d * self.bits % 8:

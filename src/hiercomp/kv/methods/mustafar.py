@@ -35,7 +35,8 @@ class Mustafar(Encoder):
         mask = torch.zeros(x.shape, dtype=torch.uint8, device=x.device).scatter_(-1, idx, 1)
         return {f"{prefix}_bitmap": pack(mask, 1), f"{prefix}_values": x.gather(-1, idx).half().contiguous()}
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor,
+               previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         return {**self._encode_one(keys, "k"), **self._encode_one(values, "v")}
 
     def _decode_one(self, enc: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> torch.Tensor:
