@@ -70,7 +70,7 @@ def test_save_load_is_bit_exact_and_size_is_accounted_exactly(tmp_path, stories_
     with torch.no_grad():
         before = cm.model(ids).logits
     cm.save(tmp_path / "m")
-    again = hiercomp.load(tmp_path / "m")
+    again = hiercomp.load(tmp_path / "m", runtime="reference")
     with torch.no_grad():
         after = again.model(ids).logits
     assert torch.equal(before, after)
@@ -95,6 +95,6 @@ def test_pruned_models_reload_bit_exactly(tmp_path, stories_calibration, method,
         before = cm.model(ids).logits
     cm.save(tmp_path / "m")
     with torch.no_grad():
-        assert torch.equal(hiercomp.load(tmp_path / "m").model(ids).logits, before)
+        assert torch.equal(hiercomp.load(tmp_path / "m", runtime="reference").model(ids).logits, before)
     sparsities = [1 - r.bits["values"] / 16 / (r.shape[0] * r.shape[1]) for r in cm.report.layers]
     assert all(abs(s - 0.5) < 0.01 for s in sparsities)

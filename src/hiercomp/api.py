@@ -196,12 +196,14 @@ def _search(loaded: LoadedModel, budget: str, calibration: torch.Tensor | None, 
     return outcome
 
 
-def load(path: str | Path, budget: str | int | float | None = None) -> CompressedModel:
+def load(path: str | Path, budget: str | int | float | None = None, runtime: str = "fast") -> CompressedModel:
     """Load a folder written by :meth:`CompressedModel.save`, from its own files alone.
 
     Each layer is rebuilt from its saved config (the layer registry), and the plan and recipe are kept as
     written, never re-made through the method registry: a folder loads whatever methods this hiercomp has.
 
+    ``runtime``: ``"fast"`` (default) computes with each layer's packed kernel where one exists
+    (:mod:`hiercomp.layers.kernels`), ``"reference"`` dequantizes then multiplies (the exact stored form).
     ``budget`` (a BitStack model only): ``"120KB"`` (KB = 1000 bytes, KiB = 1024), bytes as a number, or
     ``"3.0bpw"``; loads the longest prefix of the global block stack whose saved size fits (see
     :mod:`hiercomp.anysize`), reading only those blocks from the file.
@@ -213,7 +215,7 @@ def load(path: str | Path, budget: str | int | float | None = None) -> Compresse
         raise HiercompError(f"{path} does not exist; pass a folder written by `hiercomp compress`")
     info = read_meta(path)
     if budget is None:
-        model = load_compressed(path)
+        model = load_compressed(path, runtime=runtime)
     else:
         model, info = load_budget(path, info, budget)
     try:

@@ -275,8 +275,7 @@ def test_impossible_budget_names_smallest_size(calib_8x128: torch.Tensor, tmp_pa
 
 @needs_shared
 def test_search_then_compress_stays_within_budget(calib_8x128: torch.Tensor, tmp_path: Path) -> None:
-    from hiercomp.api import saved_size_bytes
-    from hiercomp.api import search
+    from hiercomp.api import saved_size_bytes, search
     from hiercomp.cli import main
 
     cache = tmp_path / "cache"

@@ -141,7 +141,7 @@ def test_save_load_bit_exact_with_removals(tmp_path, build, remove) -> None:
     removed_linears = {n for r in cm.extra["removed"] for n in r["linear_names"]}
     assert removed_linears and not removed_linears & {r.name for r in cm.report.layers}  # not compressed
     cm.save(tmp_path / "m")
-    back = hiercomp.load(tmp_path / "m")
+    back = hiercomp.load(tmp_path / "m", runtime="reference")
     assert removed_subblocks(back.model) == remove
     assert back.plan.removed == remove
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_removed_by_hand_is_recorded_on_save(tmp_path) -> None:
     remove_subblocks(model, ["model.layers.0.mlp"])
     cm = hiercomp.compress(model, Recipe.single("rtn", bits=8), progress=False)
     cm.save(tmp_path / "m")
-    back = hiercomp.load(tmp_path / "m")
+    back = hiercomp.load(tmp_path / "m", runtime="reference")
     assert removed_subblocks(back.model) == ["model.layers.0.mlp"]
     ids = tokens(2, 16)
     with torch.no_grad():
