@@ -9,6 +9,9 @@ import pytest
 from hiercomp.demo import run_demo
 from tests.conftest import minilm_path
 
+# One torch thread: on the shared 2-core machine two threads spin-wait on each other (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_demo_compresses_minilm_and_reports_quality_and_size(tmp_path, capsys):
     minilm_path()

@@ -126,17 +126,49 @@ def choose_prefix(stack: dict[str, Any], budget: str | int | float) -> int:
     return fits[-1]
 
 
+def check_stack(stack: Any, info: dict[str, Any], path: str | Path) -> None:
+    """The ``bitstack`` entry is well formed: positive integer sizes, an order of stored blocks of BitStack layers,
+    each layer's blocks in their own order (one-line errors for an edited or damaged entry)."""
+    def bad(what: str) -> HiercompError:
+        return HiercompError(f"{path}/hiercomp.json: the BitStack entry is damaged ({what}); compress the model again")
+
+    if not isinstance(stack, dict):
+        raise bad("not an object")
+    block_bits = stack.get("block_bits")
+    if not isinstance(block_bits, dict) or not block_bits:
+        raise bad("no block sizes")
+    for key in ("fixed_bits", "fixed_compressed_bits", "compressed_weights"):
+        if not isinstance(stack.get(key), int) or isinstance(stack.get(key), bool) or stack[key] < 0:
+            raise bad(f"{key} is {stack.get(key)!r}")
+    next_block: dict[str, int] = {}
+    for entry in stack.get("order") or []:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in block_bits):
+            raise bad(f"order entry {entry!r}")
+        name, block = entry
+        layer = info.get("layers", {}).get(name)
+        if not isinstance(layer, dict) or block != next_block.get(name, 0) or block >= layer.get("n_blocks", 0):
+            raise bad(f"block {block} of {name} out of place")
+        next_block[name] = block + 1
+    for name, bits in block_bits.items():
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0 or name not in next_block:
+            raise bad(f"block size of {name} is {bits!r}")
+
+
 def load_budget(path: str | Path, info: dict[str, Any], budget: str | int | float) -> tuple[nn.Module, dict]:
     """The model of the folder at ``path`` with the longest stack prefix that fits ``budget``, and ``info``
     updated to it (layer configs, report bits, ``loaded`` entry)."""
     from safetensors import safe_open
 
+    from hiercomp.io.integrity import verify_files, verify_structure
     from hiercomp.io.saved import WEIGHTS_FILE, build_skeleton
 
     stack = info.get("bitstack")
     if not stack:
         raise HiercompError(f"{path} has no BitStack layers, so it has one size only; load it without a budget "
                             "(compress with --method bitstack for an any-size model)")
+    verify_structure(path, info)
+    verify_files(path, info)
+    check_stack(stack, info, path)
     length = choose_prefix(stack, budget)
     counts: dict[str, int] = {}
     for name, _block in stack["order"][:length]:
@@ -146,6 +178,11 @@ def load_budget(path: str | Path, info: dict[str, Any], budget: str | int | floa
     for name, count in counts.items():
         info["layers"][name].update(n_blocks=count, active=count)
     model = build_skeleton(path, info)
+    for name, layer in bitstack_layers(model).items():  # the sizes the budget was chosen by are the real ones
+        if layer.block_bits() != stack["block_bits"].get(name):
+            raise HiercompError(f"{path}/hiercomp.json says a block of {name} has {stack['block_bits'].get(name)} "
+                                f"bits, the layer's config makes it {layer.block_bits()}; the metadata was edited — "
+                                "compress the model again")
     sliced = {f"{name}.{buffer}": count for name, count in counts.items() for buffer in BLOCK_BUFFERS}
     weights = Path(path) / WEIGHTS_FILE
     try:

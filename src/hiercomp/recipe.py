@@ -125,4 +125,11 @@ def _patterns(value: Any, source: str, rule_index: int) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         where = {-1: "top-level ignore", -2: "top-level remove"}.get(rule_index, f"rule {rule_index + 1}")
         raise HiercompError(f"{source}: {where} needs a list of name patterns")
+    for pattern in value:  # a bad regex fails here, once, not at the first layer name it is matched against
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise HiercompError(f"{source}: pattern {pattern!r} is not a valid regular expression ({err}); "
+                                    "fix it or use a glob such as '*.q_proj'") from None
     return tuple(value)

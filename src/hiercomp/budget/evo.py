@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from hiercomp.budget.space import Genome, Space, mutate
 from hiercomp.errors import HiercompError
+from hiercomp.io.integrity import read_regular
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class EvoResult:
     evaluations: int = 0  # fitness calls
     tokens_scored: int = 0  # Σ batch tokens over all fitness calls
     seconds: float = 0.0
+    # What the runs before a resume spent (already inside evaluations / seconds): a caller that counts its own
+    # fitness calls adds these to report the whole search, not only its resumed part.
+    resumed_evaluations: int = 0
+    resumed_seconds: float = 0.0
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -75,6 +80,20 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+MAX_CHECKPOINT_BYTES = 256 * 2**20
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(read_regular(path, MAX_CHECKPOINT_BYTES, "checkpoint"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HiercompError(f"checkpoint {path} is damaged ({type(err).__name__}); delete it to start the search "
+                            "again") from None
+    if not isinstance(state, dict):
+        raise HiercompError(f"checkpoint {path} is damaged (not a JSON object); delete it to start the search again")
+    return state
 
 
 def evolve(
@@ -102,16 +121,23 @@ def evolve(
         result.tokens_scored += batch_tokens(batch)
         return float(fitness(genome, batch))
 
-    if path is not None and path.is_file():
-        state = json.loads(path.read_text())
+    if path is not None and path.exists():
+        state = _read_checkpoint(path)
         if state.get("fingerprint") != fingerprint:
             raise HiercompError(f"checkpoint {path} belongs to a search with other settings; "
                                 "delete it or pass another --checkpoint")
-        _set_rng_state(rng, state["rng"])
-        result = EvoResult(Genome.from_json(state["parent"]), state["fitness"], state["history"],
-                           state["evaluations"], state.get("tokens_scored", 0))
-        start_gen = state["generation"]
-        spent_before = state.get("seconds", 0.0)
+        try:
+            _set_rng_state(rng, state["rng"])
+            result = EvoResult(Genome.from_json(state["parent"]), float(state["fitness"]), list(state["history"]),
+                               int(state["evaluations"]), int(state.get("tokens_scored", 0)))
+            start_gen = int(state["generation"])
+            spent_before = float(state.get("seconds", 0.0))
+            if not space.fits(result.genome) or start_gen < 0:
+                raise ValueError("its parent plan does not fit this search")
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise HiercompError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); delete it to start "
+                                "the search again") from None
+        result.resumed_evaluations, result.resumed_seconds = result.evaluations, spent_before
     else:
         candidates = list(initial)
         for _ in range(config.initial_random):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from hiercomp.cli._common import CONTEXT
@@ -25,7 +27,34 @@ def cli() -> None:
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C: temporary output is removed on the way."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="hiercomp", standalone_mode=False)
     except HiercompError as err:
@@ -38,12 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)
         return 2
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, click.Abort) as err:
         click.echo("interrupted: nothing was written (partial output is removed)", err=True)
-        return 130
+        # click turns a KeyboardInterrupt into Abort; the SIGTERM is its cause
+        return 143 if isinstance(err, Terminated) or isinstance(err.__cause__, Terminated) else 130
     except click.ClickException as err:
         click.echo(f"error: {err.format_message()}", err=True)
         return err.exit_code
+    except OSError as err:  # disk full, read-only or missing folders, permissions: the machine, not the input
+        where = f" {err.filename}" if err.filename else ""
+        click.echo(f"error: cannot read or write{where}: {err.strerror or _first_line(err)}; free space, fix the "
+                   "permissions or choose another path (nothing was written)", err=True)
+        return 2
+    except Exception as err:
+        # safetensors reports a full or read-only disk as its own SafetensorError (no OSError base): one line too
+        if type(err).__name__ != "SafetensorError":
+            raise
+        click.echo(f"error: cannot write the weights: {_first_line(err)}; free space or choose another --out "
+                   "(nothing was written)", err=True)
+        return 2
     return 0
 
 
@@ -63,4 +105,5 @@ from hiercomp.cli.generate import generate_cmd  # noqa: E402
 
 cli.add_command(generate_cmd)
 from hiercomp.cli.context import context_cmd  # noqa: E402
+
 cli.add_command(context_cmd)

@@ -78,6 +78,9 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     """
     from hiercomp.api import compress as run_compress
     from hiercomp.calibration import DEFAULT_NUM_SEQUENCES, CalibrationConfig
+    from hiercomp.io.atomic import check_output_dir
+
+    check_output_dir(out, force, protect=(model,))  # before any work; --force never replaces the input model
 
     recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
                                       pattern, rank, extra_params)
@@ -136,9 +139,10 @@ def _recipe_from_options(method: str | None, recipe: str | None, bits: int | Non
                             f"{', '.join('--' + a.replace('_', '-') for a in sorted(accepted))}")
     if params.get("group_size") == 0:
         params["group_size"] = None
-    if "bits" in params and not 2 <= params["bits"] <= 8:
+    # (a value of the wrong type is left to make_method, which says what type it must be)
+    if isinstance(params.get("bits"), (int, float)) and not 2 <= params["bits"] <= 8:
         raise HiercompError(f"--bits must be between 2 and 8, got {params['bits']}")
-    if params.get("group_size") is not None and params["group_size"] < 1:
+    if isinstance(params.get("group_size"), (int, float)) and params["group_size"] < 1:
         raise HiercompError("--group-size must be a positive integer (or 0 for per-channel), "
                             f"got {params['group_size']}")
     return Recipe.single(method, **params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,36 @@ def check_finite(model: nn.Module, source: str) -> None:
                                 "re-download or re-export it")
 
 
+# Buffer names of hiercomp's packed layers (hiercomp.layers): weights stored under these names are a compressed
+# folder's, which only hiercomp.load reads (with its hiercomp.json).
+PACKED_SUFFIXES = (".qweight", ".qzeros", ".fzeros", ".bitplanes", ".bitstream", ".mask_bits", ".plane_scales",
+                   ".a_factor", ".b_factor", ".col_scale", ".signs")
+
+
+def _matches_any(name: str, patterns: Any) -> bool:
+    return any(re.search(p, name) for p in (patterns or ()))
+
+
+def check_weights_match(model: nn.Module, loading: dict[str, Any], ref: str) -> None:
+    """Refuse a model whose weights file lacks tensors the class needs (transformers would initialise them at
+    random and say nothing an exit code shows) or holds tensors it does not know (a config of another architecture,
+    a compressed folder without its hiercomp.json). Keys the class re-creates itself are not counted: tied
+    weights and buffers are never reported missing, and the class's own ignore lists are honoured."""
+    missing = [k for k in loading.get("missing_keys", ())
+               if not _matches_any(k, getattr(model, "_keys_to_ignore_on_load_missing", None))]
+    unexpected = [k for k in loading.get("unexpected_keys", ())
+                  if not _matches_any(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None))]
+    mismatched = list(loading.get("mismatched_keys", ()))
+    if any(k.endswith(PACKED_SUFFIXES) for k in unexpected):
+        raise HiercompError(f"{ref} holds hiercomp's packed weights but no hiercomp.json (the metadata is missing); "
+                            "restore hiercomp.json or compress the model again")
+    if missing or unexpected or mismatched:
+        what = [f"{label} {len(v)}, e.g. {sorted(v)[0] if isinstance(v[0], str) else v[0]}"
+                for label, v in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if v]
+        raise HiercompError(f"{ref}: the weights do not match config.json ({'; '.join(what)}); "
+                            f"a weights file is incomplete or config.json is another model's — restore the folder")
+
+
 def load_hf_model(
     ref: str | os.PathLike, trust_remote_code: bool = False, dtype: torch.dtype | None = None
 ) -> LoadedModel:
@@ -107,7 +138,7 @@ def load_hf_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = auto.from_pretrained(str(path) if path.exists() else ref, **kwargs)
+        model, loading = auto.from_pretrained(str(path) if path.exists() else ref, output_loading_info=True, **kwargs)
     except ValueError as err:
         raise HiercompError(f"{ref}: unsupported architecture ({str(err).splitlines()[0]}); supported families: "
                             f"{', '.join(TESTED_MODEL_TYPES)}") from None
@@ -115,11 +146,16 @@ def load_hf_model(
         raise HiercompError(f"cannot read the weights in {ref} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else 'no detail'}); the files are damaged — "
                             "re-download them") from None
+    check_weights_match(model, loading, ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else ref,
                                                   trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise HiercompError(f"cannot load the tokenizer of {ref}: {str(err).splitlines()[0]}") from None
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in msg:
+            raise HiercompError(f"the tokenizer of {ref} needs custom code; rerun with --trust-remote-code if you "
+                                "trust it") from None
+        raise HiercompError(f"cannot load the tokenizer of {ref}: {msg}") from None
     check_finite(model, ref)
     model.eval()
     return LoadedModel(model, tokenizer, encoder, ref)

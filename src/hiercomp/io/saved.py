@@ -6,7 +6,8 @@ A folder holds:
 - ``config.json`` (+ tokenizer files): the original Hugging Face config, so the skeleton can be rebuilt;
 - ``hiercomp.json``: format version, model class, each compressed layer's config, the compression report,
   and ``removed``: the sub-blocks / blocks removed by depth pruning (re-applied before loading the state);
-- ``recipe.yaml``: the recipe that made it, readable and re-usable.
+- ``plan.yaml``: what was done to every layer (a :class:`~hiercomp.plan.Plan`), and ``recipe.yaml`` when a
+  recipe made it: readable and re-usable.
 Loading rebuilds the skeleton from the config, swaps in empty compressed layers of the saved shapes and
 loads the state dict: the logits are bit-identical to the compressed model that was saved.
 """
@@ -26,12 +27,18 @@ from torch import nn
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers, set_module
 from hiercomp.io.atomic import atomic_dir
+from hiercomp.io.integrity import HASH, file_digest, read_regular, structure_digest, verify_files, verify_structure
 from hiercomp.layers import build_layer
 
 FORMAT_NAME = "hiercomp"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "hiercomp.json"
+MAX_META_BYTES = 64 * 2**20  # a few hundred KB for a 135M model's layers, report and plan; never a device's stream
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
+# One key only: safetensors writes its metadata map in a per-process hash order, so two keys made two identical
+# runs' files differ byte for byte. The producer is in hiercomp.json.
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -52,7 +59,7 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def save_compressed(
-    model: nn.Module, out: str | Path, *, tokenizer: Any = None, recipe_yaml: str | None = None,
+    model: nn.Module, out: str | Path, *, tokenizer: Any = None, files: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, force: bool = False,
 ) -> Path:
     """Write ``model`` (with its compressed layers) to ``out`` atomically. Returns the folder."""
@@ -75,28 +82,39 @@ def save_compressed(
 
             info["removed"] = [{"name": name} for name in removed_subblocks(model)]
     with atomic_dir(out, force) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT_NAME})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=SAFETENSORS_METADATA)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if recipe_yaml is not None:
-            (tmp / "recipe.yaml").write_text(recipe_yaml)
+        for filename, text in (files or {}).items():  # plan.yaml, recipe.yaml: inside the atomic write
+            (tmp / filename).write_text(text)
+        info["files"] = {WEIGHTS_FILE: file_digest(tmp / WEIGHTS_FILE)}  # checked at load: parts stay together
+        info["structure_" + HASH] = structure_digest(json.loads(json.dumps(info, default=str)))
         (tmp / META_FILE).write_text(json.dumps(info, indent=1, default=str))
     return Path(out)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """``hiercomp.json``, read from a regular file of bounded size, with one-line errors for a damaged one."""
     meta_path = Path(path) / META_FILE
     try:
-        info = json.loads(meta_path.read_text())
+        info = json.loads(read_regular(meta_path, MAX_META_BYTES, "metadata file"))
     except FileNotFoundError:
         raise HiercompError(f"{path} is not a hiercomp folder (no {META_FILE}); "
                             "compress a model into it first") from None
     except json.JSONDecodeError as err:
         raise HiercompError(f"{meta_path} is damaged ({err.msg}); compress the model again") from None
-    if info.get("format") != FORMAT_NAME or info.get("format_version", 0) > FORMAT_VERSION:
+    except UnicodeDecodeError:
+        raise HiercompError(f"{meta_path} is damaged (not UTF-8 text); compress the model again") from None
+    if not isinstance(info, dict):
+        raise HiercompError(f"{meta_path} is damaged (not a JSON object); compress the model again")
+    version = info.get("format_version", 0)
+    if info.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
         raise HiercompError(f"{meta_path} has format version {info.get('format_version')}; this hiercomp reads "
                             f"version {FORMAT_VERSION} — upgrade hiercomp")
+    for key, kind in (("layers", dict), ("aliases", dict), ("removed", list), ("files", dict)):
+        if not isinstance(info.get(key, kind()), kind):
+            raise HiercompError(f"{meta_path} is damaged ('{key}' is not a {kind.__name__}); compress the model again")
     return info
 
 
@@ -131,23 +149,48 @@ def build_skeleton(path: str | Path, info: dict[str, Any], meta: bool = False) -
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
-    cls = getattr(transformers, info["model_class"], None)
-    if cls is None:
-        raise HiercompError(f"this transformers version has no {info['model_class']}; upgrade transformers")
-    dtype = getattr(torch, info.get("dtype", "float32"))
-    with parameters_on_meta() if meta else nullcontext():
-        model = cls(config).to(dtype)
-    removed = [row["name"] for row in info.get("removed", [])]
+    try:  # never the folder's own code: a config.json with auto_map is refused, not prompted about
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:
+        raise HiercompError(f"{path}/config.json cannot be read ({_first_line(err)}); restore the folder") from None
+    model_class = info.get("model_class")
+    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else None
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise HiercompError(f"{path}/{META_FILE} names model class {model_class!r}, which this transformers "
+                            "version does not have; upgrade transformers or compress the model again")
+    if not isinstance(config, cls.config_class):
+        raise HiercompError(f"{path}/config.json is a {type(config).__name__}, but the weights are a {model_class}'s; "
+                            "config.json comes from another model — restore the folder")
+    dtype = getattr(torch, str(info.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise HiercompError(f"{path}/{META_FILE} names dtype {info.get('dtype')!r}; compress the model again")
+    try:
+        with parameters_on_meta() if meta else nullcontext():
+            model = cls(config).to(dtype)
+    except Exception as err:
+        raise HiercompError(f"{path}/config.json does not build a {model_class} ({_first_line(err)}); "
+                            "restore the folder") from None
+    removed = [row["name"] if isinstance(row, dict) else row for row in info.get("removed", [])]
     if removed:  # depth pruning: the same stand-ins as when saved, so the state keys match
         from hiercomp.depth import remove_subblocks
 
         remove_subblocks(model, removed)
     for name, layer_cfg in info["layers"].items():
-        with torch.device("meta") if meta else nullcontext():
-            layer = build_layer(layer_cfg)
-        set_module(model, name, layer)
+        try:
+            with torch.device("meta") if meta else nullcontext():
+                layer = build_layer(layer_cfg)
+            set_module(model, name, layer)
+        except HiercompError:
+            raise
+        except Exception as err:  # an edited config: unknown type, bits or shapes the layer cannot have
+            raise HiercompError(f"{path}/{META_FILE}: layer {name} cannot be rebuilt ({_first_line(err)}); "
+                                "the metadata was edited or damaged — compress the model again") from None
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -161,11 +204,15 @@ def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     with open(weights, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"header length {header_len} is beyond safetensors' limit")
         header = json.loads(f.read(header_len))
         base = 8 + header_len
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name} has unknown dtype {entry['dtype']!r}")
             tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
             start, end = entry["data_offsets"]
             if end - start != tensor.numel() * tensor.element_size():
@@ -181,6 +228,13 @@ def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
 def fill_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
     """Load ``state`` into a :func:`build_skeleton` (meta) model by assignment: the loaded tensors become the
     model's, nothing is copied; tied weights are tied again; anything left on ``meta`` is an error."""
+    expected = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    for name, tensor in state.items():  # assignment would take any shape or dtype: check against the skeleton
+        want = expected.get(name)
+        if want is not None and (want.shape != tensor.shape or want.dtype != tensor.dtype):
+            raise HiercompError(f"{weights}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)} but hiercomp.json "
+                                f"and config.json make it {want.dtype} {tuple(want.shape)}; the folder's files "
+                                "disagree — compress the model again")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, "
@@ -209,12 +263,17 @@ def load_compressed(path: str | Path, runtime: str = "fast") -> nn.Module:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise HiercompError(f"{path} has no {WEIGHTS_FILE}; the folder is incomplete — compress the model again")
+    verify_structure(path, info)
+    verify_files(path, info)
     model = build_skeleton(path, info, meta=True)
     try:
         state = read_tensors(weights)
     except Exception as err:
         raise HiercompError(f"{weights} is damaged ({str(err).splitlines()[0]}); compress the model again") from None
     for alias, stored in info.get("aliases", {}).items():
+        if stored not in state:
+            raise HiercompError(f"{weights} has no tensor {stored!r} (hiercomp.json ties {alias} to it); "
+                                "compress the model again")
         state[alias] = state[stored]
     fill_state(model, state, weights)
     del state

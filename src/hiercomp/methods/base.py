@@ -7,9 +7,10 @@ statistics it needs so that the engine gathers only those (a Hessian is in x in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -95,10 +96,42 @@ def make_method(name: str, **params: Any) -> Method:
         raise HiercompError(
             f"method {name!r} has no parameter(s) {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(known))}"
         )
+    _check_types(cls, params)
     try:
         return cls(**params)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise HiercompError(f"method {name!r}: {err}") from None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_types(cls: type[Method], params: dict[str, Any]) -> None:
+    """Each parameter of the type its dataclass field declares (``int``, ``float``, ``bool``, ``str``, or one of
+    them ``| None``), so ``bits: 4.5``, ``group_size: "32"`` or ``symmetric: "yes"`` fail here in one line instead
+    of deep inside a kernel. A ``float`` field takes an integer; ``bool`` is never taken for a number."""
+    hints = get_type_hints(cls)
+    for key, value in params.items():
+        hint = hints.get(key)
+        allowed = [t for t in get_args(hint) if t is not type(None)] if get_args(hint) else [hint]
+        optional = type(None) in get_args(hint)
+        if value is None and optional:
+            continue
+        ok = any(_is_instance(value, t) for t in allowed)
+        if not ok and all(t in _TYPE_WORDS for t in allowed):
+            wanted = " or ".join(_TYPE_WORDS[t] for t in allowed) + (" or null" if optional else "")
+            hint_text = " (quote N:M patterns in YAML: pattern: \"2:4\")" if key == "pattern" else ""
+            raise HiercompError(f"method {cls.name!r}: {key} must be {wanted}, got {value!r}{hint_text}")
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return not isinstance(kind, type) or isinstance(value, kind)
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:

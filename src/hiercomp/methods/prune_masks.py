@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from hiercomp.errors import HiercompError
+
+
+def check_nm_width(in_features: int, nm: tuple[int, int] | None, method: str, layer: str) -> None:
+    if nm is not None and in_features % nm[1]:
+        raise HiercompError(f"{method}: layer {layer} has {in_features} inputs, not a multiple of {nm[1]}, so "
+                            f"{nm[0]}:{nm[1]} sparsity does not apply; choose another pattern or skip the layer")
+
 
 def mask_lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask that drops the ``sparsity`` fraction of lowest scores in every row (ties: first index)."""

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hiercomp.errors import HiercompError
 from hiercomp.layers import CompressedLinear, SparseLinear
 from hiercomp.methods.base import LayerStats, Method, parse_nm, register_method
 from hiercomp.methods.hessian import (
@@ -23,12 +22,7 @@ from hiercomp.methods.hessian import (
     zero_dead_inputs,
 )
 from hiercomp.methods.magnitude import check_sparsity
-
-
-def check_nm_width(in_features: int, nm: tuple[int, int] | None, method: str, layer: str) -> None:
-    if nm is not None and in_features % nm[1]:
-        raise HiercompError(f"{method}: layer {layer} has {in_features} inputs, not a multiple of {nm[1]}, so "
-                            f"{nm[0]}:{nm[1]} sparsity does not apply; choose another pattern or skip the layer")
+from hiercomp.methods.prune_masks import check_nm_width
 
 
 def lowest_entries(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -106,7 +100,7 @@ class SparseGPT(Method):
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity, self.pattern)
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, self.pattern))
         check_obs_params(self.damp, self.block_size)
 
     def compress(
