@@ -107,3 +107,6 @@ cli.add_command(generate_cmd)
 from hiercomp.cli.context import context_cmd  # noqa: E402
 
 cli.add_command(context_cmd)
+from hiercomp.cli.kv import kv_cmd  # noqa: E402
+
+cli.add_command(kv_cmd)
