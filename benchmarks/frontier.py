@@ -13,7 +13,7 @@ Three parts, all written to benchmarks/results/frontier.md:
 Run (nice -n 10; ~25 min on a shared 2-core machine, one torch thread):
 
     python benchmarks/frontier.py            # everything, then the results file
-    python benchmarks/frontier.py rd         # part 1 only
+    python benchmarks/frontier.py rd         # part 1 only (rd_trellis: only its trellis rows)
     python benchmarks/frontier.py models     # part 2 only (rows kept in frontier_rows.jsonl; a rerun resumes)
     python benchmarks/frontier.py render     # rewrite the results file from the kept rows
 """
@@ -57,6 +57,12 @@ RD_REAL = ([("gptq g128", "gptq", {"bits": b, "group_size": 128}) for b in (2, 3
            + [("rot_rtn g128", "rot_rtn", {"bits": b, "group_size": 128}) for b in (2, 3)]
            + [("e8 (no rotation)", "e8", {"bits": 2.0})]
            + [("quip", "quip", {"bits": b}) for b in (2.0, 2.5, 3.0)])
+
+# Trellis: the Viterbi search costs T·2^L·2^k per row, so its Gaussian source is a 32 x 1024 matrix.
+RD_TRELLIS_GAUSS = [("trellis L=12", "trellis", {"bits": 2, "state_bits": 12}),
+                    ("trellis L=16", "trellis", {"bits": 2, "state_bits": 16}),
+                    ("trellis L=12", "trellis", {"bits": 3, "state_bits": 12})]
+RD_TRELLIS_REAL = [("rot_trellis L=12", "rot_trellis", {"bits": 2, "state_bits": 12})]
 
 MODEL_CONFIGS = {
     "stories260K": [
@@ -111,6 +117,26 @@ def run_rd() -> None:
             print(row, flush=True)
             detail.append(row)
     RD_ROWS.write_text(json.dumps({"gauss": gauss_rows, "real": detail}, indent=0))
+
+
+def run_rd_trellis() -> None:
+    """Trellis rows, added to the rate-distortion results of run_rd."""
+    from rate_distortion import real_layers
+
+    rd = json.loads(RD_ROWS.read_text())
+    torch.manual_seed(0)
+    gauss = torch.randn(32, 1024)
+    rd["gauss"] = [r for r in rd["gauss"] if not r["method"].startswith("trellis")]
+    rd["gauss"] += [{"method": f"{label} (32 x 1024)", "bits": p["bits"], **rd_measure(gauss, None, m, p)}
+                    for label, m, p in RD_TRELLIS_GAUSS]
+    rd["real"] = [r for r in rd["real"] if "trellis" not in r["method"]]
+    for name, (weight, hessian) in real_layers().items():
+        for label, m, p in RD_TRELLIS_REAL:
+            row = {"layer": f"{name} {tuple(weight.shape)}", "method": label, "bits": p["bits"],
+                   **rd_measure(weight, hessian, m, p)}
+            print(row, flush=True)
+            rd["real"].append(row)
+    RD_ROWS.write_text(json.dumps(rd, indent=0))
 
 
 # -- part 2: whole models -----------------------------------------------------------------------------
@@ -262,7 +288,7 @@ def render() -> None:
                                                ("bound", "D(R) / σ²", f4), ("above", "bits above bound", f3),
                                                ("seconds", "fit s", "{:.2f}".format)]), ""]
         summary = []
-        for lab, _, p in RD_REAL:
+        for lab, _, p in RD_REAL + RD_TRELLIS_REAL:
             sel = [r for r in rd["real"] if r["method"] == lab and r["bits"] == p["bits"]]
             if sel:
                 summary.append({"method": lab, "bits": p["bits"],
@@ -337,6 +363,8 @@ def main() -> None:
     start = time.perf_counter()
     if what in ("all", "rd"):
         run_rd()
+    if what in ("all", "rd", "rd_trellis"):
+        run_rd_trellis()
     if what in ("all", "models"):
         run_models()
     render()
