@@ -78,3 +78,19 @@ def test_load_leaves_the_global_random_seed_alone(tmp_path):
     torch.manual_seed(0)
     hiercomp.load(tmp_path / "m")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_one_cache_root_and_one_cache_default_in_every_help(monkeypatch, tmp_path):
+    """$HIERCOMP_CACHE is the root of every cache (converted built-in models, candidate layers in levels/), and
+    `compress --help` and `search --help` state the same default."""
+    from click.testing import CliRunner
+
+    from hiercomp.budget.cache import default_cache_dir
+    from hiercomp.cli import cli
+    from hiercomp.io.builtin import cache_root
+
+    monkeypatch.setenv("HIERCOMP_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path and default_cache_dir() == tmp_path / "levels"
+    texts = [" ".join(CliRunner().invoke(cli, [name, "--help"]).output.split()) for name in ("compress", "search")]
+    default = "default ~/.cache/hiercomp/levels; $HIERCOMP_CACHE moves the root"
+    assert all(default in text for text in texts), texts

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hiercomp.io.atomic import atomic_dir
+from hiercomp.io.builtin import cache_root
 from hiercomp.layers import CompressedLinear, build_layer
 
 CACHE_VERSION = 1
@@ -35,7 +35,9 @@ META_FILE = "meta.json"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HIERCOMP_CACHE", Path.home() / ".cache" / "hiercomp" / "levels"))
+    """``levels/`` under hiercomp's one cache root ($HIERCOMP_CACHE, default ~/.cache/hiercomp), beside the
+    converted built-in models."""
+    return cache_root() / "levels"
 
 
 def model_fingerprint(model: nn.Module) -> str:

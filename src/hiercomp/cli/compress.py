@@ -62,7 +62,8 @@ from hiercomp.errors import HiercompError
 @click.option("--levels", default=None, help="With --budget: candidate levels (see `hiercomp search --help`).")
 @click.option("--generations", type=click.IntRange(min=0), default=None, help="With --search evo: generations.")
 @click.option("--cache", "cache_dir", type=click.Path(), default=None,
-              help="With --budget: candidate-layer cache folder (default $HIERCOMP_CACHE or ~/.cache/hiercomp).")
+              help="With --budget: candidate-layer cache folder (default ~/.cache/hiercomp/levels; "
+                   "$HIERCOMP_CACHE moves the root).")
 def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
              group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
              pattern: str | None, rank: int | None, extra_params: tuple[str, ...],

@@ -33,7 +33,7 @@ from hiercomp.cli._common import CONTEXT
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="evo: checkpoint file, written every generation; an existing one is resumed.")
 @click.option("--cache", "cache_dir", type=click.Path(), default=None,
-              help="Candidate-layer cache folder (default $HIERCOMP_CACHE or ~/.cache/hiercomp/levels).")
+              help="Candidate-layer cache folder (default ~/.cache/hiercomp/levels; $HIERCOMP_CACHE moves the root).")
 @click.option("--no-pictures", is_flag=True, help="Do not draw the allocation and quality-vs-size PNGs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling and the search.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
