@@ -251,3 +251,17 @@ def test_corrupt_gguf_input_is_one_line(tmp_path, compressed):
         with pytest.raises(HiercompError, match=pattern) as err:
             load_hf_model(tmp_path / bad)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec, name", [
+    ({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, "gpt-2"),
+    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                              {"type": "ByteLevel"}]}}, "smollm"),
+    ({"pre_tokenizer": {"type": "Whitespace"}}, "default"),
+])
+def test_gguf_pre_tokenizer_names_are_llama_cpps(spec, name):
+    """llama.cpp refuses a pre-tokenizer name it does not know ("gpt2" stopped a SmolLM2 export from loading):
+    the names written are the ones its vocabulary loader lists."""
+    from hiercomp.io.gguf_export import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name(spec) == name

@@ -184,7 +184,7 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (llama-vocab.cpp); "gpt2" is refused as an unknown pre-tokenizer
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     text = json.dumps(steps)
