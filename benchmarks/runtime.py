@@ -1,0 +1,435 @@
+"""Decode speed and memory of compressed models where they run: hiercomp's fast and reference runtimes against the
+original (fp32, bf16), torchao's int4 weight-only CPU path and llama.cpp on hiercomp's GGUF export.
+
+Batch 1, a 128-token prompt, 128 new tokens, greedy, 2 threads, on (a) SmolLM2-135M-Instruct and (b) a random
+Llama of realistic shape (hidden 2048, intermediate 5632, 8 layers, 32 heads / 4 KV heads, vocab 32000).
+Every row runs in its own subprocess (nice -n 10), so its peak resident memory is its own; the memory of
+importing torch + transformers (+ hiercomp / torchao / llama_cpp) is measured in that process before loading and
+subtracted (``model MB``); ``process MB`` is the whole peak. The memory-bandwidth bound of a row is the measured
+copy bandwidth divided by the bytes its decode reads per token (every weight in its runtime form, the input
+embedding table excluded: one row of it is read).
+
+    nice -n 10 python benchmarks/runtime.py            # about 15-20 minutes on 2 cores
+    python benchmarks/runtime.py --quick               # SmolLM2 only, short runs, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, machine, markdown_table  # noqa: E402
+
+THREADS = 2
+PROMPT, NEW = 128, 32  # 32 new tokens, not 128: the shared machine ran at load 15-20 (see the note in the table)
+REF_PROMPT, REF_NEW = 16, 3  # the reference path dequantizes every layer at every forward: a short run says enough
+WORK = Path(tempfile.gettempdir()) / "hiercomp_runtime_bench"
+TORCHAO_PY = Path("/work/venvs/torchao/bin/python")
+LLAMACPP_PY = Path("/work/venvs/llamacpp/bin/python")
+
+
+# -- worker: one load + one generation in a fresh process ----------------------------------------------------
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM, which starts afresh at exec (ru_maxrss would carry the
+    parent's peak over into a subprocess on Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _read_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter, buffer and kernel tensor once (meta excluded), minus the input
+    embedding table unless the output head shares it."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):  # torchao
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+    for m in model.modules():
+        kernel = getattr(m, "kernel", None)
+        if kernel is not None:
+            for t in kernel.tensors():
+                add(t)
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    # a torchao-quantized head is a tensor subclass without a plain storage: then it is not the embedding table
+    tied = out is not None and type(out.weight) in (torch.Tensor, torch.nn.Parameter) \
+        and out.weight.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()
+    total = sum(seen.values())
+    return total if tied else total - emb.untyped_storage().nbytes()
+
+
+def _timed_generate(model, vocab: int, prompt: int, new: int) -> dict:
+    import torch
+
+    from hiercomp.generate import _TimedStreamer
+
+    ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+    streamer = _TimedStreamer(None, None)
+    cpu = []  # process CPU seconds at each new token: robust to other work on a shared machine
+    original_put = streamer.put
+    streamer.put = lambda value: (original_put(value), cpu.append(time.process_time()))
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer, pad_token_id=0)
+    stamps = streamer.stamps
+    return {"prefill_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "decode_tok_cpu_s": (len(stamps) - 1) / (cpu[-1] - cpu[1]), "new_tokens": len(stamps),
+            "prompt_tokens": prompt}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import transformers  # noqa: F401  (its import is part of the baseline)
+
+    import hiercomp
+
+    if spec["kind"] == "torchao":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+    base = _rss_mb()
+    start = time.perf_counter()
+    if spec["kind"] == "hiercomp":
+        if spec["runtime"] == "fast":
+            model = hiercomp.load(spec["path"]).model
+        else:
+            from hiercomp.io.saved import load_compressed
+
+            model = load_compressed(spec["path"], runtime="reference")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=getattr(torch, spec["dtype"])).eval()
+        if spec["kind"] == "torchao":
+            quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec["group_size"]))
+    load_s = time.perf_counter() - start
+    load_mb = _rss_mb() - base
+    result = {"load_s": load_s, "load_mb": load_mb, "base_mb": base, "read_bytes": _read_bytes(model)}
+    result.update(_timed_generate(model, spec["vocab"], spec["prompt"], spec["new"]))
+    result["model_mb"] = _rss_mb() - base
+    result["process_mb"] = _rss_mb()
+    return result
+
+
+LLAMACPP_WORKER = r"""
+import json, sys, time
+spec = json.loads(sys.argv[1])
+from llama_cpp import Llama
+rss = lambda: [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+base = rss()
+start = time.perf_counter()
+llm = Llama(model_path=spec["path"], n_threads=2, n_threads_batch=2, n_ctx=512, verbose=False)
+load_s = time.perf_counter() - start
+load_mb = rss() - base
+import random
+random.seed(0)
+prompt = [random.randrange(3, spec["vocab"]) for _ in range(spec["prompt"])]
+stamps, cpu = [], []
+start = time.perf_counter()
+for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+    stamps.append(time.perf_counter())
+    cpu.append(time.process_time())
+    if len(stamps) == spec["new"]:
+        break
+print(json.dumps({"load_s": load_s, "load_mb": load_mb, "base_mb": base, "prefill_s": stamps[0] - start,
+                  "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "new_tokens": len(stamps),
+                  "decode_tok_cpu_s": (len(stamps) - 1) / (cpu[-1] - cpu[0]),
+                  "prompt_tokens": spec["prompt"], "model_mb": rss() - base, "process_mb": rss(),
+                  "read_bytes": __import__("os").path.getsize(spec["path"])}))
+"""
+
+
+def run_worker(spec: dict, python: str = sys.executable, timeout: int = 900) -> dict:
+    if spec["kind"] == "llamacpp":
+        cmd = ["nice", "-n", "10", python, "-c", LLAMACPP_WORKER, json.dumps(spec)]
+    else:
+        cmd = ["nice", "-n", "10", python, __file__, "--worker", json.dumps(spec)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(THREADS)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+# -- preparation -----------------------------------------------------------------------------------------
+
+def bandwidth_gb_s() -> float:
+    """Copy bandwidth (bytes read + written per second) of a 1 GiB float32 copy, best of 5, at THREADS threads."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    src = torch.ones(256 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def layer_rows() -> list[dict]:
+    """One 5632x2048 layer (the random Llama's gate/up projection), one token: ms per forward, wall and CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    from hiercomp.layers import QuantizedLinear
+    from hiercomp.layers.kernels import select_kernel
+    from hiercomp.quant.grid import QuantGrid, fit_grid, quantize_weight
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    weight = torch.randn(5632, 2048) * 0.02
+    x = torch.randn(1, 2048)
+
+    def timed(fn, reps: int) -> tuple[float, float]:
+        fn()
+        walls, cpus = [], []
+        for _ in range(reps):
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+        return 1e3 * sorted(walls)[reps // 2], 1e3 * sorted(cpus)[reps // 2]
+
+    rows = []
+    wb, xb = weight.bfloat16(), x.bfloat16()
+    for label, fn in [("dense fp32 F.linear", lambda: F.linear(x, weight)),
+                      ("dense bf16 F.linear", lambda: F.linear(xb, wb))]:
+        wall, cpu = timed(fn, 30)
+        rows.append({"layer": label, "ms": wall, "cpu_ms": cpu})
+    for bits, group, sym in [(8, None, True), (8, 128, False), (6, 128, False), (4, 128, False), (4, 32, True),
+                             (3, 128, False), (2, 128, False)]:
+        grid = QuantGrid(bits, group, sym)
+        scale, zero = fit_grid(weight, grid)
+        layer = QuantizedLinear(grid, quantize_weight(weight, grid, scale, zero), scale, zero, None)
+        name = f"{bits}-bit {'per channel' if group is None else f'g{group}'} {'sym' if sym else 'asym'}"
+        ref_wall, ref_cpu = timed(lambda layer=layer: layer(x), 3)
+        layer.kernel = select_kernel(layer)
+        wall, cpu = timed(lambda layer=layer: layer(x), 30)
+        rows.append({"layer": f"hiercomp {name}", "kernel": layer.kernel.name, "ms": wall, "cpu_ms": cpu,
+                     "ref_ms": ref_wall, "ref_cpu_ms": ref_cpu, "kernel_mb": layer.kernel.nbytes() / 1e6})
+    return rows
+
+
+def random_llama(out: Path) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    byte_level_tokenizer(config.vocab_size).save_pretrained(out)  # compress and the GGUF export need one
+    return out
+
+
+def byte_level_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` entries (the 256 byte symbols, then filler tokens,
+    no merges): the random model's prompts are random ids, the tokenizer only has to exist and match the vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *sorted(symbols)])}
+    vocab.update({f"<filler_{i}>": i for i in range(len(vocab), vocab_size)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def compressed(source: Path, bits: int, group: int | None, symmetric: bool, out: Path) -> Path:
+    if (out / "hiercomp.json").is_file():
+        return out
+    import hiercomp
+
+    rule = {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric}
+    hiercomp.compress(str(source), {"rules": [rule]}, progress=False).save(out)
+    return out
+
+
+def gguf_export(folder: Path, out: Path) -> tuple[Path | None, str]:
+    """hiercomp's GGUF export of ``folder`` (the other half of issue 10), or None and why not."""
+    if out.is_file():
+        return out, ""
+    from hiercomp.cli import main
+
+    try:
+        code = main(["export", str(folder), "--format", "gguf", "--out", str(out)])
+    except Exception as err:  # an export still being written
+        return None, f"export failed: {str(err).splitlines()[0][:120]}"
+    return (out, "") if code == 0 and out.is_file() else (None, f"`hiercomp export --format gguf` exited {code}")
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+def measure(quick: bool) -> tuple[list[dict], dict]:
+    from hiercomp.io.builtin import smollm2_dir
+
+    WORK.mkdir(exist_ok=True)
+    facts = {"bandwidth": bandwidth_gb_s(), "load_before": os.getloadavg()[0]}
+    print("single layer ...", file=sys.stderr, flush=True)
+    facts["layers"] = layer_rows()
+    print(f"   {facts['layers']}", file=sys.stderr, flush=True)
+    prompt, new = (32, 16) if quick else (PROMPT, NEW)
+    models = [("SmolLM2-135M", smollm2_dir(), 64, 49152)]
+    if not quick:
+        models.append(("random Llama 2048/5632×8", random_llama(WORK / "llama"), 128, 32000))
+    rows: list[dict] = []
+    for label, source, group, vocab in models:
+        base = {"model": label, "vocab": vocab}
+
+        def add(row_label: str, spec: dict, python: str = sys.executable, note: str = "",
+                label: str = label, vocab: int = vocab, base: dict = base) -> None:
+            print(f"{label}: {row_label} ...", file=sys.stderr, flush=True)
+            spec = {"vocab": vocab, "prompt": prompt, "new": new, **spec}
+            result = run_worker(spec, python)
+            rows.append({**base, "row": row_label, "note": note, **result})
+            print(f"   {result}", file=sys.stderr, flush=True)
+
+        add("original fp32", {"kind": "hf", "path": str(source), "dtype": "float32"})
+        add("original bf16", {"kind": "hf", "path": str(source), "dtype": "bfloat16"})
+        slug = source.name
+        for bits, grp, sym in [(8, None, True), (4, group, False), (3, group, False), (2, group, False)]:
+            folder = compressed(source, bits, grp, sym, WORK / f"{slug}-rtn{bits}-g{grp}")
+            name = f"hiercomp RTN {bits}-bit {'per channel sym' if grp is None else f'g{grp} asym'}"
+            add(f"{name}, fast", {"kind": "hiercomp", "path": str(folder), "runtime": "fast"})
+            if bits in (4, 2) and label.startswith("SmolLM2"):
+                add(f"{name}, reference", {"kind": "hiercomp", "path": str(folder), "runtime": "reference",
+                                           "prompt": REF_PROMPT, "new": REF_NEW},
+                    note=f"{REF_PROMPT}-token prompt, {REF_NEW} new tokens")
+        if TORCHAO_PY.is_file():
+            add(f"torchao int4 weight-only g{group} (bf16)", {"kind": "torchao", "path": str(source),
+                                                               "dtype": "bfloat16", "group_size": group},
+                python=str(TORCHAO_PY))
+        else:
+            rows.append({**base, "row": "torchao int4", "error": f"not measured: no venv at {TORCHAO_PY}"})
+        for bits, qtype in [(4, "Q4_0"), (8, "Q8_0")]:
+            row_label = f"llama.cpp {qtype} (hiercomp GGUF export of RTN {bits}-bit g32 sym)"
+            if not LLAMACPP_PY.is_file():
+                rows.append({**base, "row": row_label, "error": f"not measured: no llama.cpp venv at {LLAMACPP_PY}"})
+                continue
+            folder = compressed(source, bits, 32, True, WORK / f"{slug}-rtn{bits}-g32-sym")
+            gguf, why = gguf_export(folder, WORK / f"{slug}-rtn{bits}-g32-sym.gguf")
+            if gguf is None:
+                rows.append({**base, "row": row_label, "error": f"not measured: {why}"})
+                continue
+            add(row_label, {"kind": "llamacpp", "path": str(gguf)}, python=str(LLAMACPP_PY))
+        for folder in sorted(WORK.glob(f"{slug}-rtn*")):
+            if folder.is_dir():
+                weights = folder / "model.safetensors"
+                facts[f"file:{folder.name}"] = weights.stat().st_size
+    facts["load_after"] = os.getloadavg()[0]
+    return rows, facts
+
+
+def render(rows: list[dict], facts: dict) -> str:
+    bandwidth = facts["bandwidth"]
+    for row in rows:
+        if "read_bytes" in row and "decode_tok_s" in row:
+            row["bound_tok_s"] = bandwidth * 1e9 / row["read_bytes"]
+            row["of_bound"] = row["decode_tok_s"] / row["bound_tok_s"]
+        fp32 = next((r for r in rows if r["model"] == row["model"] and r["row"] == "original fp32"), None)
+        if fp32 and "decode_tok_s" in row and "decode_tok_s" in fp32:
+            row["speedup"] = row["decode_tok_s"] / fp32["decode_tok_s"]
+            row["cpu_speedup"] = row["decode_tok_cpu_s"] / fp32["decode_tok_cpu_s"]
+            row["rss_ratio"] = row["model_mb"] / fp32["model_mb"]
+        if row.get("error"):
+            row["note"] = row["error"]
+    f1, f2, f0 = (lambda v: f"{v:.1f}"), (lambda v: f"{v:.2f}"), (lambda v: f"{v:.0f}")
+    columns = [("model", "model", None), ("row", "runtime", None), ("decode_tok_s", "decode tok/s", f1),
+               ("speedup", "× fp32", f2),
+               ("decode_tok_cpu_s", "tok per CPU-s", f1), ("cpu_speedup", "CPU-s × fp32", f2),
+               ("read_bytes", "MB read/token", lambda v: f"{v / 1e6:.0f}"),
+               ("bound_tok_s", "bandwidth bound tok/s", f1), ("of_bound", "of bound", lambda v: f"{100 * v:.0f}%"),
+               ("prefill_s", "prefill s", f2), ("model_mb", "model MB (peak)", f0), ("rss_ratio", "RSS × fp32", f2),
+               ("process_mb", "process MB (peak)", f0), ("load_s", "load s", f2), ("load_mb", "load MB (peak)", f0),
+               ("note", "note", None)]
+    lines = [
+        "# Runtime: decode speed and memory where the model runs",
+        "",
+        f"Machine: {machine()}. Load average {facts['load_before']:.1f} at the start, {facts['load_after']:.1f} at "
+        "the end (the machine is shared: above 2, other work took cores and the speeds are pessimistic).",
+        f"Measured copy bandwidth: {bandwidth:.1f} GB/s (bytes read + written by a 1 GiB float32 copy, "
+        f"{THREADS} threads, best of 5).",
+        "",
+        f"Batch 1, {PROMPT}-token prompt (random token ids), {NEW} new tokens forced (min_new_tokens), greedy, "
+        f"{THREADS} threads, each row in its own process under `nice -n 10`. decode tok/s = tokens after the first "
+        "/ their time; prefill = prompt to first token. model MB = peak resident memory of the process minus its "
+        "memory after importing torch + transformers + hiercomp (the baseline, measured in the same process); "
+        "process MB = the whole peak. MB read/token = weights in their runtime form (input embedding excluded); "
+        "the bound is bandwidth / that. RTN quantization (speed does not depend on the method).",
+        "",
+        markdown_table(rows, columns),
+        "",
+        "## One layer, one token",
+        "",
+        "A 5632×2048 layer (the random Llama's gate/up projection), batch 1: median ms per forward (wall and CPU, "
+        f"{THREADS} threads). The reference dequantizes the whole weight at every forward (as every forward did "
+        "before this change).",
+        "",
+        markdown_table(facts.get("layers", []), [
+            ("layer", "layer", None), ("kernel", "fast path", None), ("ms", "fast ms", f2),
+            ("cpu_ms", "fast CPU ms", f2),
+            ("ref_ms", "reference ms", f1), ("ref_cpu_ms", "reference CPU ms", f1),
+            ("kernel_mb", "kernel MB", f1)]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", default=None, help="render from a saved rows JSON instead of measuring")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.rows:
+        data = json.loads(Path(args.rows).read_text())
+        rows, facts = data["rows"], data["facts"]
+    else:
+        rows, facts = measure(args.quick)
+        (WORK / "rows.json").write_text(json.dumps({"rows": rows, "facts": facts}, indent=1))
+    text = render(rows, facts)
+    out = RESULTS / ("runtime_quick.md" if args.quick else "runtime.md")
+    out.write_text(text + READING)
+    print(text)
+
+
+READING = ""  # written after the measured run: see the end of benchmarks/results/runtime.md
+
+if __name__ == "__main__":
+    main()
