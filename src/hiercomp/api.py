@@ -57,6 +57,12 @@ class CompressedModel:
     def bits_per_weight(self) -> float:
         return self.report.bits_per_weight
 
+    @property
+    def kv_spec(self) -> str | None:
+        """The KV-cache spec the plan names (``plan.kv``, from `hiercomp plan-memory`; saved as hiercomp.json's
+        "kv"), for ``generate`` to run with by default; None when the plan names none."""
+        return self.plan.kv if self.plan is not None else None
+
     def accounted_bytes(self) -> float:
         """Exact storage: compressed layers' bits / 8 plus every other tensor's bytes (tied ones once)."""
         tensors, _ = _unique_state(self.model)
@@ -71,6 +77,8 @@ class CompressedModel:
                 "recipe": None if self.recipe is None else self.recipe.to_dict(),
                 "plan": None if self.plan is None else self.plan.to_dict(),
                 "accounted_bytes": self.accounted_bytes(), **self.extra}
+        if self.kv_spec:
+            meta["kv"] = self.kv_spec
         if any(layer.kind == "bitstack" for layer in compressed_layers(self.model).values()):
             meta.update(stack_meta(self.model))  # BitStack: the global block order, for loading at a budget
         files = {}

@@ -17,6 +17,8 @@ writing one by hand)::
       ...
     remove: [model.layers.4.mlp]       # attention / MLP sub-blocks dropped (names as hiercomp.depth lists them)
     kv: snapkv:ratio=0.5+kivi:bits=2   # the KV-cache spec to run with (hiercomp.kv), when there is one
+    memory: {memory_bytes: 1000000000, context: 8192, batch: 4, weights_bytes: ..., kv_bytes: ..., ...}
+                                       # the split `hiercomp plan-memory` chose (hiercomp.budget.memory)
     history: [[0, 0.061], [1, 0.058], ...]   # [generation, fitness]
 
 A searched plan scored candidates computed from the original model's activations; executing it runs the normal
@@ -39,8 +41,8 @@ from hiercomp.io.yamlfile import load_yaml
 from hiercomp.methods import Method, make_method
 
 PLAN_VERSION = 1
-_KEYS = {"hiercomp_plan", "model", "budget", "search", "cost", "fitness", "layers", "remove", "kv", "history",
-         "notes"}
+_KEYS = {"hiercomp_plan", "model", "budget", "search", "cost", "fitness", "layers", "remove", "kv", "memory",
+         "history", "notes"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Plan:
     history: list[list[float]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # anything else a search wants to keep (not re-read)
     kv: str | None = None  # the KV-cache spec to run with (hiercomp.kv.parse), when the plan spans the cache
+    memory: dict[str, Any] = field(default_factory=dict)  # plan-memory's split of one memory budget (informative)
 
     # -- YAML --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +113,8 @@ class Plan:
             out["remove"] = list(self.removed)
         if self.kv:
             out["kv"] = self.kv
+        if self.memory:
+            out["memory"] = self.memory
         if self.history:
             out["history"] = [[_plain(v) for v in row] for row in self.history]
         if self.notes:
@@ -153,10 +158,19 @@ class Plan:
         removed = data.get("remove") or []
         if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
             raise HiercompError(f"{source}: 'remove' must be a list of sub-block names")
+        if validate and data.get("kv"):
+            from hiercomp.kv.spec import parse as parse_kv  # a bad spec fails here, in one line, not at generate
+
+            try:
+                parse_kv(str(data["kv"]))
+            except HiercompError as err:
+                raise HiercompError(f"{source}: kv: {err}") from None
+        if not isinstance(data.get("memory") or {}, dict):
+            raise HiercompError(f"{source}: 'memory' must be a mapping (as `hiercomp plan-memory` writes it)")
         return cls(layers, list(removed), _str_or_none(data.get("budget")), data.get("search"), data.get("model"),
                    dict(data.get("cost") or {}), dict(data.get("fitness") or {}),
                    [list(row) for row in data.get("history") or []], dict(data.get("notes") or {}),
-                   _str_or_none(data.get("kv")))
+                   _str_or_none(data.get("kv")), dict(data.get("memory") or {}))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -110,3 +110,6 @@ cli.add_command(context_cmd)
 from hiercomp.cli.kv import kv_cmd  # noqa: E402
 
 cli.add_command(kv_cmd)
+from hiercomp.cli.plan_memory import plan_memory_cmd  # noqa: E402
+
+cli.add_command(plan_memory_cmd)
