@@ -29,6 +29,8 @@ tests assert ≤ 1e-2 relative to the output norm). Low-rank and sparse paths ar
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import warnings
 from typing import Any
 
@@ -321,6 +323,7 @@ def set_runtime(model: nn.Module, runtime: str = "fast", release: bool = False) 
         layer.kernel = select_kernel(layer) if runtime == "fast" else None
         if release:
             layer.release_stored()
+            return_freed_memory()
     paths = {name: "reference" if layer.kernel is None else layer.kernel.name for name, layer in layers.items()}
     fallback = {type(layer).__name__ for layer in layers.values()
                 if runtime == "fast" and layer.kernel is None and not _wraps_fast_layer(layer)}
@@ -328,6 +331,26 @@ def set_runtime(model: nn.Module, runtime: str = "fast", release: bool = False) 
         warnings.warn(f"no fast path for {', '.join(sorted(fallback))}: those layers compute with the reference "
                       "(dequantize) path", stacklevel=2)
     return paths
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    Building each kernel frees large temporaries (unpacked int32 codes) between the small tensors it keeps;
+    glibc then cannot shrink its heap and the process's resident memory grows by those temporaries, layer after
+    layer: measured on SmolLM2 at 2 bits, 1.4 GB resident after loading a 137 MB folder, 0.6 GB with a trim
+    after each layer (about 1 ms each)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _wraps_fast_layer(layer: nn.Module) -> bool:
