@@ -239,6 +239,8 @@ def add_tokenizer(writer: Any, tokenizer: Any) -> list[str]:
         writer.add_token_list(tokens)
         writer.add_token_types([T.CONTROL if i in special else T.USER_DEFINED if i in user else T.NORMAL
                                 for i in range(len(tokens))])
+        if not merges:
+            notes.append("the BPE tokenizer has no merges: llama.cpp refuses such a vocabulary")
         writer.add_token_merges(merges)
     for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                       ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
