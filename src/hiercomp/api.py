@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from hiercomp.io.saved import (
 from hiercomp.io.yamlfile import load_yaml
 from hiercomp.plan import Plan
 from hiercomp.recipe import Recipe
+from hiercomp.tune import split_recovery, tune
 
 
 @dataclass
@@ -136,7 +138,8 @@ def compress(
     Say what to do with one of: ``recipe`` (a :class:`Recipe`, a :class:`Plan`, a dict or a YAML file of either),
     ``budget`` ("3.0bpw", "150KB", "0.25x": a plan is searched first with ``search`` over ``levels``), and/or
     ``drop`` (depth pruning: remove that many ``drop_unit`` units chosen by ``drop_rule`` first; ``recovery``, a
-    :class:`hiercomp.depth.RecoveryConfig`, distils the later blocks afterwards).
+    :class:`hiercomp.depth.RecoveryConfig`, distils the later blocks afterwards; a :class:`hiercomp.tune.TuneConfig`,
+    or a list of both, tunes the quantized layers' scales and the norms against the original after quantizing).
     ``calibration``: a text file, a :class:`CalibrationConfig` or an ``(N, L)`` token tensor; every route uses
     the same default windows (:data:`hiercomp.calibration.DEFAULT_NUM_SEQUENCES` of min(512, context) tokens).
     ``out`` is checked before any work and written atomically at the end (``force`` replaces it).
@@ -149,6 +152,7 @@ def compress(
     if budget is None and recipe is None and not drop:
         raise HiercompError("say what to do: a method (--method NAME; `hiercomp methods` lists them), a recipe, "
                             "a plan, a budget or --drop N")
+    recovery, tuning = split_recovery(recovery)  # depth recovery (before quantizing), recovery tuning (after)
     if recovery is not None and not drop and recipe is None:
         raise HiercompError("recovery (--recover-steps) distils the blocks after a removal: add --drop N "
                             "(drop=N) or a recipe with 'remove:'")
@@ -175,6 +179,7 @@ def compress(
         raise HiercompError("the recipe matches no layer of this model; "
                             "check its targets against `hiercomp info MODEL`")
     depth_facts: dict[str, Any] = {}
+    teacher = copy.deepcopy(loaded.model) if tuning is not None else None  # the original, for tuning's distillation
     if plan.removed:  # depth pruning first, so the engine compresses only (recovered) remaining layers
         depth_facts = apply_removals(loaded.model, plan.removed, calibration, recovery,
                                      encoder=loaded.is_encoder, progress=progress)
@@ -182,6 +187,10 @@ def compress(
     if plan.kept_layers():
         report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
                                 sequential=sequential, batch_size=batch_size, progress=progress)
+    if tuning is not None:
+        depth_facts["tuning"] = {**tune(loaded.model, teacher, calibration, tuning, encoder=loaded.is_encoder,
+                                        progress=progress).to_dict(), **asdict(tuning)}
+        del teacher
     cm = CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe_obj, report, loaded.source,
                          extra=depth_facts, plan=plan)
     if out is not None:
@@ -238,7 +247,7 @@ def load(path: str | Path, budget: str | int | float | None = None, runtime: str
         cm.extra["recipe"] = info["recipe"]  # as written; kept on re-save
     if budget is not None:
         cm.extra["loaded"] = info["loaded"]
-    cm.extra.update({k: info[k] for k in ("removed", "recovery") if k in info})  # depth pruning, kept on re-save
+    cm.extra.update({k: info[k] for k in ("removed", "recovery", "tuning") if k in info})  # kept on re-save
     return cm
 
 

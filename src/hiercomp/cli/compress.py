@@ -28,6 +28,13 @@ from hiercomp.errors import HiercompError
 @click.option("--sparsity", type=float, default=None, help="Pruners: fraction of weights removed (default 0.5).")
 @click.option("--pattern", type=str, default=None, help="Pruners: N:M pattern such as 2:4 (keep N of every M).")
 @click.option("--rank", type=int, default=None, help="svd: rank kept per layer.")
+@click.option("--rotate", is_flag=True, help="Incoherence processing: quantize randomly Hadamard-rotated weights "
+              "(rtn, gptq, hqq, hlq, hlq_gptq, trellis; e8 becomes quip); seed: --param rotation_seed=N.")
+@click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After quantizing, tune the stored scales/zeros and norm weights by distillation from the "
+                   "original for this many steps (needs --calib; see hiercomp.tune).")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="With --tune-steps: Adam's step relative to each tuned tensor's size.")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
@@ -72,7 +79,8 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              json_out: str | None, quiet: bool, drop: int = 0, drop_unit: str = "block", drop_rule: str = "position",
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
-             cache_dir: str | None = None) -> None:
+             cache_dir: str | None = None, rotate: bool = False, tune_steps: int = 0,
+             tune_lr: float = 1e-3) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
     Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
@@ -84,7 +92,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     check_output_dir(out, force, protect=(model,))  # before any work; --force never replaces the input model
 
     recipe_obj = _recipe_from_options(method, recipe, bits, group_size, symmetric, act_order, damp, sparsity,
-                                      pattern, rank, extra_params)
+                                      pattern, rank, extra_params, rotate)
     if (plan_file or budget) and (recipe_obj is not None or drop):
         raise HiercompError("give one of --plan, --budget, --method/--recipe/--drop, not several")
     recovery = None
@@ -92,6 +100,10 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
         from hiercomp.depth import RecoveryConfig
 
         recovery = RecoveryConfig(steps=recover_steps, seed=seed)
+    if tune_steps:
+        from hiercomp.tune import TuneConfig
+
+        recovery = [r for r in (recovery, TuneConfig(steps=tune_steps, lr=tune_lr, seed=seed)) if r is not None]
     evo = None
     if budget is not None:
         from hiercomp.budget.evo import EvoConfig
@@ -115,16 +127,25 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
 
 def _recipe_from_options(method: str | None, recipe: str | None, bits: int | None, group_size: int | None,
                          symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
-                         pattern: str | None, rank: int | None = None, extra_params: tuple[str, ...] = ()) -> Any:
+                         pattern: str | None, rank: int | None = None, extra_params: tuple[str, ...] = (),
+                         rotate: bool = False) -> Any:
     from hiercomp.methods import METHODS
     from hiercomp.recipe import Recipe
 
     if recipe is not None:
         if method is not None:
             raise HiercompError("give either --method or --recipe, not both")
+        if rotate:
+            raise HiercompError("--rotate goes with --method; in a recipe, write 'rotate: true' in a rule")
         return Recipe.load(recipe)
     if method is None:
+        if rotate:
+            raise HiercompError("--rotate needs --method (or 'rotate: true' in a recipe rule)")
         return None
+    if rotate and method in METHODS:
+        from hiercomp.methods.rotate import rotated_method_name
+
+        method = rotated_method_name(method)  # gptq -> rot_gptq: the rotated variant takes the same options
     if method not in METHODS:
         raise HiercompError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
     from dataclasses import fields

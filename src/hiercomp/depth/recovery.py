@@ -9,7 +9,8 @@ input embeddings (a tied head), which belong to the frozen prefix.
 
 Loss: KL(P_teacher ‖ P_student) of next-token distributions (causal LMs), or the MSE of the last hidden
 states (encoders). Adam, constant learning rate, fixed seed; batches are drawn from the calibration windows
-in a seeded order, so a run is deterministic on CPU.
+in a seeded order, so a run is deterministic on CPU. The loop is :func:`hiercomp.tune.distill`, shared with
+the recovery tuning that runs after quantizing.
 
 Recovery changes the dense weights of the later blocks, so it runs BEFORE quantizing or pruning them
 (``hiercomp.compress`` orders it so): the compressed layers then encode the recovered weights.
@@ -21,11 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from hiercomp.depth.scoring import model_outputs, output_damage
+from hiercomp.depth.scoring import model_outputs
 from hiercomp.depth.subblocks import removed_subblocks
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import walk
@@ -49,12 +48,6 @@ class RecoveryReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _loss(teacher_out: torch.Tensor, student_out: torch.Tensor, encoder: bool) -> torch.Tensor:
-    if encoder:
-        return F.mse_loss(student_out, teacher_out)
-    return output_damage(teacher_out, student_out, encoder=False).mean()
 
 
 def _after_blocks(model: nn.Module, hierarchy: Any, probe: torch.Tensor, encoder: bool) -> list[nn.Parameter]:
@@ -102,31 +95,17 @@ def recover(
     trainable += _after_blocks(student, hierarchy, calibration[:1], encoder)
     if not trainable:
         raise HiercompError("nothing runs after the removed units that recovery could train; drop --recover-steps")
+    from hiercomp.tune import distill  # (hiercomp.tune reads depth.scoring: imported here, not at the top)
+
     was_trainable = {id(p): p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    teacher.eval()
-    student.eval()  # no dropout: the distillation target is the deterministic teacher
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(trainable, lr=config.lr)
-    order: list[int] = []
-    losses: list[float] = []
     try:
-        with torch.enable_grad():
-            for _ in tqdm(range(config.steps), desc="recovery distillation", unit="step", disable=not progress):
-                if len(order) < config.batch_size:
-                    order += torch.randperm(calibration.shape[0], generator=generator).tolist()
-                ids = calibration[order[: config.batch_size]]
-                del order[: config.batch_size]
-                with torch.no_grad():
-                    target = model_outputs(teacher, ids, encoder)
-                loss = _loss(target, model_outputs(student, ids, encoder), encoder)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+        losses = distill(student, teacher, calibration, [{"params": trainable, "lr": config.lr}], steps=config.steps,
+                         batch_size=config.batch_size, seed=config.seed, encoder=encoder, progress=progress,
+                         desc="recovery distillation")
     finally:
         for p in student.parameters():
             p.requires_grad_(was_trainable[id(p)])

@@ -86,7 +86,18 @@ class Method:
 
 
 def make_method(name: str, **params: Any) -> Method:
-    """Build a method from its CLI/recipe name and parameters, with one-line errors for bad input."""
+    """Build a method from its CLI/recipe name and parameters, with one-line errors for bad input.
+
+    ``rotate=True`` (``--rotate``, ``rotate: true`` in a recipe rule) is a modifier, not a parameter: it names the
+    method's rotated variant (:func:`hiercomp.methods.rotate.rotated_method_name`), e.g. gptq -> rot_gptq."""
+    if "rotate" in params:
+        rotate = params.pop("rotate")
+        if not isinstance(rotate, bool):
+            raise HiercompError(f"method {name!r}: rotate must be true or false, got {rotate!r}")
+        if rotate and name in METHODS:
+            from hiercomp.methods.rotate import rotated_method_name
+
+            name = rotated_method_name(name)
     cls = METHODS.get(name)
     if cls is None:
         raise HiercompError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")

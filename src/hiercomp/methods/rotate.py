@@ -8,6 +8,11 @@ H' = T_in H T_inᵀ (the output error tr(ΔW' H' ΔW'ᵀ) of the rotated layer e
 since T_out is orthogonal). The result is a :class:`~hiercomp.layers.RotatedLinear` around the
 quantizer's own layer, which rotates on the fly and stores only the seed.
 
+``--rotate`` on the command line and ``rotate: true`` in a recipe rule (or ``rotate=True`` to
+:func:`~hiercomp.methods.make_method` / ``Recipe.single``) are the modifier's spelling: they name the rotated variant
+(``gptq`` -> ``rot_gptq``, ``e8`` -> ``quip``), whose ``rotation_seed`` (default 0) is stored in every layer.
+AWQ is not rotatable: its per-channel scales act on the channels a rotation mixes.
+
 ``quip`` is the QuIP#-like combination: rotation + E8 lattice codebook + BlockLDLQ error feedback.
 """
 
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 
+from hiercomp.errors import HiercompError
 from hiercomp.layers import CompressedLinear
 from hiercomp.layers.rotated import RotatedLinear
 from hiercomp.methods import gptq, hlq, hqq, rtn, trellis, vq  # noqa: F401  (the quantizers wrapped below, registered first)
@@ -71,5 +77,16 @@ if "e8" in METHODS:
 
 
 def rotated_method_name(method: str) -> str:
-    """The name of ``method``'s rotated variant (what a ``--rotate`` flag maps a method name to)."""
-    return method if method.startswith(PREFIX) or method == "quip" else PREFIX + method
+    """The name of ``method``'s rotated variant: what ``--rotate`` (CLI) and ``rotate: true`` (a recipe rule,
+    ``Recipe.single(..., rotate=True)``) turn a method name into. Already rotated names map to themselves."""
+    if method.startswith(PREFIX) and method in METHODS or method == "quip":
+        return method
+    if method == "e8":
+        return "quip"
+    if PREFIX + method in METHODS:
+        return PREFIX + method
+    rotatable = ", ".join([*ROTATABLE, "e8"])
+    why = (" (AWQ's per-channel scales work on the channels a rotation mixes: use gptq or hqq with rotate)"
+           if method == "awq" else "")
+    raise HiercompError(f"rotate applies to the quantizers {rotatable}, not to {method!r}{why}; "
+                        "drop --rotate / 'rotate: true' for it")

@@ -1,0 +1,297 @@
+"""Recovery tuning after quantization (PV-Tuning's continuous half, on CPU, with a step budget).
+
+After every layer is quantized, the discrete part (codes, lattice indices, trellis paths) stays fixed and the
+continuous part is fine-tuned by distillation from the original model: KL(P_teacher ‖ P_student) of
+next-token distributions (causal LMs; the MSE of the last hidden states for encoders) on the calibration
+windows. What is trained:
+
+- every floating-point tensor a compressed layer stores: scales (integer grids, E8 stage scales, trellis row
+  scales), float zeros (HQQ), HLQ's plane scales and offsets, low-rank factors, kept sparse values, biases;
+- the weights of the normalisation layers (RMSNorm / LayerNorm), which are stored dense anyway.
+
+Integer zeros, codes and the computed codebooks (E8 lattice, the trellis's hashed Gaussian) are discrete or
+not stored, so they stay. PV-Tuning's other half (re-choosing codes by a projected step) is not done here.
+
+Exactness: each stored tensor keeps its dtype. Training runs on a float32 master copy, and the forward uses
+that master rounded to the stored dtype (straight-through), so the model that was trained is bit for bit the
+model that is saved and reloaded: the tuned float16 scales are what goes to disk, nothing else changes form.
+
+Step size: Adam with one learning rate per tensor, ``lr`` times that tensor's root mean square, so ``lr`` is a
+relative step (1e-3 moves a scale by about 0.1 % per step) whatever the tensor's units.
+
+The training loop :func:`distill` is shared with depth pruning's recovery (:mod:`hiercomp.depth.recovery`),
+which trains whole dense blocks before quantizing instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hiercomp.depth.scoring import model_outputs, output_damage
+from hiercomp.errors import HiercompError
+from hiercomp.hierarchy import compressed_layers, set_module
+from hiercomp.layers.base import CompressedLinear
+
+# Teacher outputs are computed once per calibration window and kept while they fit in this many bytes
+# (SmolLM2: 16 windows x 256 tokens x 49152 log-probabilities = 0.8 GB); beyond it they are recomputed each step.
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Recovery tuning after quantization (``--tune-steps``, ``--tune-lr``)."""
+
+    steps: int = 100
+    lr: float = 1e-3  # relative: Adam's step for each tensor is lr x its root mean square
+    batch_size: int = 2
+    seed: int = 0
+    norms: bool = True  # also tune the normalisation layers' weights
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    steps: int
+    tensors: int  # tensors tuned
+    trained_params: int
+    loss_first: float  # distillation loss of the first step (before any update)
+    loss_last: float  # of the last step
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_recovery(recovery: Any) -> tuple[Any, TuneConfig | None]:
+    """``compress(recovery=...)``: a :class:`hiercomp.depth.RecoveryConfig` (distil after removing units, before
+    quantizing), a :class:`TuneConfig` (tune after quantizing), or a list/tuple of one of each. Returns
+    (depth recovery or None, tuning or None)."""
+    items = list(recovery) if isinstance(recovery, (list, tuple)) else [] if recovery is None else [recovery]
+    tuning = [r for r in items if isinstance(r, TuneConfig)]
+    depth = [r for r in items if not isinstance(r, TuneConfig)]
+    if len(tuning) > 1 or len(depth) > 1:
+        raise HiercompError("recovery takes at most one RecoveryConfig (after removals) and one TuneConfig "
+                            "(after quantizing)")
+    return (depth[0] if depth else None), (tuning[0] if tuning else None)
+
+
+# -- the distillation loop, shared with depth recovery ---------------------------------------------------------
+
+def distillation_loss(teacher_out: torch.Tensor, student_out: torch.Tensor, encoder: bool) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over positions from log-probabilities, or the MSE of hidden states."""
+    if encoder:
+        return F.mse_loss(student_out, teacher_out)
+    return output_damage(teacher_out, student_out, encoder=False).mean()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    calibration: torch.Tensor,
+    param_groups: list[dict[str, Any]],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    encoder: bool = False,
+    progress: bool = True,
+    desc: str = "distillation",
+) -> list[float]:
+    """Adam on ``param_groups`` (torch's form: dicts with "params" and "lr") for ``steps`` batches of calibration
+    windows drawn in a seeded order; returns the loss of every step. Deterministic on CPU. The teacher's outputs
+    are computed once per window while they fit in :data:`TEACHER_CACHE_BYTES`."""
+    if steps < 1:
+        raise HiercompError(f"distillation needs at least 1 step, got {steps}")
+    if calibration is None or calibration.dim() != 2 or calibration.shape[0] == 0:
+        raise HiercompError("distillation needs calibration token windows; pass --calib TEXT")
+    teacher.eval()
+    student.eval()  # no dropout: the target is the deterministic teacher
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(param_groups)
+    cache: dict[int, torch.Tensor] = {}
+    cached_bytes = 0
+    order: list[int] = []
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    with torch.enable_grad():
+        for _ in bar:
+            if len(order) < batch_size:
+                order += torch.randperm(calibration.shape[0], generator=generator).tolist()
+            batch, order = order[:batch_size], order[batch_size:]
+            missing = [i for i in batch if i not in cache]
+            if missing:
+                with torch.no_grad():
+                    fresh = model_outputs(teacher, calibration[missing], encoder)
+                for i, out in zip(missing, fresh):
+                    if cached_bytes + out.numel() * 4 <= TEACHER_CACHE_BYTES:
+                        cache[i] = out
+                        cached_bytes += out.numel() * 4
+                fresh_of = dict(zip(missing, fresh))
+                target = torch.stack([cache[i] if i in cache else fresh_of[i] for i in batch])
+            else:
+                target = torch.stack([cache[i] for i in batch])
+            loss = distillation_loss(target, model_outputs(student, calibration[batch], encoder), encoder)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+# -- what is tuned in a compressed layer -------------------------------------------------------------------------
+
+def _core(layer: CompressedLinear) -> CompressedLinear:
+    """The layer that holds the codes: the inner layer of a rotation, else the layer itself."""
+    return layer.inner if hasattr(layer, "inner") else layer
+
+
+def _round_to(master: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``master`` rounded to the stored dtype in the forward, the identity in the backward (straight-through)."""
+    if dtype == torch.float32:
+        return master
+    return master + (master.to(dtype).float() - master).detach()
+
+
+class _TuningLinear(nn.Module):
+    """Stands in for a compressed layer while it is tuned: its weight is recomputed from the float32 masters of its
+    float buffers (rounded to their stored dtype) and its fixed, once-unpacked codes."""
+
+    def __init__(self, layer: CompressedLinear) -> None:
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: its buffers are not what is trained
+        self.names = [n for n, b in layer.named_buffers(recurse=False) if b is not None and b.is_floating_point()]
+        self.dtypes = {n: layer._buffers[n].dtype for n in self.names}
+        self.masters = nn.ParameterList([nn.Parameter(layer._buffers[n].detach().float().clone())
+                                         for n in self.names])
+        self.originals = {n: layer._buffers[n] for n in self.names}
+        core = _core(layer)
+        self.__dict__["core"] = core
+        self.kernels = [(m, m.kernel) for m in (layer, core) if m.kernel is not None]
+        for m, _ in self.kernels:
+            m.restore_stored()
+            m.kernel = None  # a kernel holds its own copy of the scales: rebuilt from the tuned ones at the end
+        # Unpack the codes once, kept compact (their dequantize reads them as they are, or as indices).
+        for attr in ("codes", "states"):
+            if callable(getattr(core, attr, None)):
+                core.__dict__[attr] = _constant(_compact(getattr(core, attr)()))
+
+    def _hand_masters(self) -> None:
+        for n, p in zip(self.names, self.masters):
+            self.layer._buffers[n] = _round_to(p, self.dtypes[n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._hand_masters()
+        layer = self.layer
+        bias = layer._buffers.get("bias")
+        if self.core is layer:
+            return F.linear(x, layer.dequantize(), bias)
+        t_in, t_out = layer.transforms()  # a rotated layer: rotate the input, unrotate the output
+        y = t_out.apply_transpose(F.linear(t_in.apply(x), layer.inner.dequantize()))  # .inner hands the masters on
+        return y if bias is None else y + bias
+
+    def finish(self) -> None:
+        """Write the tuned values, in their stored dtype, into the layer's buffers; undo the code cache."""
+        for n, p in zip(self.names, self.masters):
+            self.layer._buffers[n] = p.detach().to(self.dtypes[n]).contiguous()
+        self._refresh_inner()
+        for attr in ("codes", "states"):
+            self.core.__dict__.pop(attr, None)
+        from hiercomp.layers.kernels import select_kernel
+
+        for m, _ in self.kernels:
+            m.kernel = select_kernel(m)
+
+    def _refresh_inner(self) -> None:
+        if self.core is not self.layer:
+            _ = self.layer.inner  # the property hands the outer layer's buffers to the inner layer
+
+    def undo(self) -> None:
+        for n in self.names:
+            self.layer._buffers[n] = self.originals[n]
+        self._refresh_inner()
+        for attr in ("codes", "states"):
+            self.core.__dict__.pop(attr, None)
+        for m, kernel in self.kernels:
+            m.kernel = kernel
+
+
+def _constant(value: Any) -> Any:
+    return lambda: value
+
+
+def _compact(value: Any) -> Any:
+    """Integer codes in the smallest dtype that holds them (SmolLM2's 2-bit codes: 1 byte instead of 4 or 8)."""
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.numel():
+        top = int(value.max())
+        if int(value.min()) >= 0 and top < 256:
+            return value.to(torch.uint8)
+        if top < 2**31:
+            return value.to(torch.int32)
+    return value
+
+
+def _norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if "norm" in type(m).__name__.lower()
+            for p in m.parameters(recurse=False) if p.is_floating_point()]
+
+
+def _group(params: list[torch.Tensor], lr: float) -> list[dict[str, Any]]:
+    groups = []
+    for p in params:
+        rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+        groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
+    return groups
+
+
+def tune(
+    model: nn.Module,
+    teacher: nn.Module,
+    calibration: torch.Tensor,
+    config: TuneConfig = TuneConfig(),
+    *,
+    encoder: bool = False,
+    progress: bool = True,
+) -> TuneReport:
+    """Tune ``model``'s compressed layers' float tensors (and norm weights) in place to match ``teacher``."""
+    if config.steps < 1:
+        raise HiercompError(f"tuning needs at least 1 step, got {config.steps}; drop --tune-steps to skip it")
+    if not config.lr > 0:
+        raise HiercompError(f"the tuning learning rate must be positive, got {config.lr}")
+    if calibration is None:
+        raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
+    layers = compressed_layers(model)
+    if not layers:
+        raise HiercompError("recovery tuning needs compressed layers: give a method, recipe, plan or budget too")
+    start = time.perf_counter()
+    was_trainable = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrappers = {name: _TuningLinear(layer) for name, layer in layers.items()}
+    tensors: list[torch.Tensor] = [p for w in wrappers.values() for p in w.masters]
+    norms = _norm_parameters(model) if config.norms else []
+    for p in norms:
+        p.requires_grad_(True)
+    tensors += norms
+    done = False
+    try:
+        for name, wrapper in wrappers.items():
+            set_module(model, name, wrapper)
+        losses = distill(model, teacher, calibration, _group(tensors, config.lr), steps=config.steps,
+                         batch_size=config.batch_size, seed=config.seed, encoder=encoder, progress=progress,
+                         desc="recovery tuning")
+        done = True
+    finally:
+        for name, wrapper in wrappers.items():
+            wrapper.finish() if done else wrapper.undo()
+            set_module(model, name, wrapper.layer)
+        for p in model.parameters():
+            p.requires_grad_(was_trainable.get(id(p), False))
+    return TuneReport(config.steps, len(tensors), sum(t.numel() for t in tensors), losses[0], losses[-1],
+                      time.perf_counter() - start)

@@ -1,0 +1,136 @@
+"""--rotate under every quantizer, and recovery tuning after quantization (hiercomp.tune)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hiercomp
+from hiercomp.cli import main
+from hiercomp.depth.scoring import model_outputs, output_damage
+from hiercomp.errors import HiercompError
+from hiercomp.hierarchy import compressed_layers
+from hiercomp.io.hf import LoadedModel
+from hiercomp.layers import RotatedLinear
+from hiercomp.recipe import Recipe
+from hiercomp.tune import TuneConfig, split_recovery
+from tests.conftest import STORIES, TINYSTORIES, needs_shared
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_llama() -> LoadedModel:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         max_position_embeddings=64))
+    return LoadedModel(model, None, False, "llama")
+
+
+CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+IDS = torch.arange(16).view(1, 16)
+
+
+@pytest.mark.parametrize(("method", "params", "inner"), [
+    ("rtn", {"bits": 3, "group_size": 32}, "QuantizedLinear"),
+    ("gptq", {"bits": 3, "group_size": 32}, "QuantizedLinear"),
+    ("hqq", {"bits": 2, "group_size": 32}, "QuantizedLinear"),
+    ("hlq", {"bits": 2, "group_size": 32}, "HLQLinear"),
+])
+def test_rotate_wraps_the_quantizer_and_reloads_bit_exactly(tmp_path, method, params, inner):
+    recipe = Recipe.from_dict({"rules": [{"method": method, "rotate": True, "rotation_seed": 7, **params}]})
+    assert recipe.rules[0].method.name == f"rot_{method}"
+    assert recipe.to_dict()["rules"][0]["method"] == f"rot_{method}"  # the saved recipe names what ran
+    cm = hiercomp.compress(tiny_llama(), recipe, CALIB, progress=False)
+    layers = compressed_layers(cm.model)
+    assert len(layers) == 14 and all(isinstance(m, RotatedLinear) and m.seed == 7 for m in layers.values())
+    assert {type(m.inner).__name__ for m in layers.values()} == {inner}
+    with torch.no_grad():
+        logits = cm.model(input_ids=IDS).logits
+    cm.save(tmp_path / "m")
+    again = hiercomp.load(tmp_path / "m", runtime="reference")
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    assert all(m.seed == 7 for m in compressed_layers(again.model).values())
+
+
+def test_rotate_names_and_errors():
+    assert Recipe.single("e8", bits=2.0, rotate=True).rules[0].method.name == "quip"
+    assert Recipe.single("rot_gptq", bits=3, rotate=True).rules[0].method.name == "rot_gptq"
+    assert Recipe.single("gptq", bits=3, rotate=False).rules[0].method.name == "gptq"
+    with pytest.raises(HiercompError, match="rotate applies to the quantizers .*awq"):
+        Recipe.single("awq", bits=3, rotate=True)
+    with pytest.raises(HiercompError, match="rotate must be true or false"):
+        Recipe.from_dict({"rules": [{"method": "gptq", "rotate": "yes"}]})
+
+
+def test_tuning_lowers_the_loss_keeps_codes_and_dtypes_and_reloads_bit_exactly(tmp_path):
+    loaded = tiny_llama()
+    original = copy.deepcopy(loaded.model)
+    plain = hiercomp.compress(copy.deepcopy(loaded), Recipe.single("gptq", bits=2, group_size=32, rotate=True), CALIB,
+                              progress=False)
+    cm = hiercomp.compress(loaded, Recipe.single("gptq", bits=2, group_size=32, rotate=True), CALIB, progress=False,
+                           recovery=TuneConfig(steps=30, lr=1e-2))
+    facts = cm.extra["tuning"]
+    assert facts["steps"] == 30 and facts["loss_last"] < 0.5 * facts["loss_first"]
+    # the discrete part is untouched, the float part moved and kept its stored dtype
+    for name, layer in compressed_layers(cm.model).items():
+        before = compressed_layers(plain.model)[name]
+        assert torch.equal(layer.inner_qweight, before.inner_qweight) and torch.equal(layer.inner_qzeros,
+                                                                                       before.inner_qzeros)
+        assert layer.inner_scales.dtype == torch.float16 and not torch.equal(layer.inner_scales, before.inner_scales)
+        assert layer.inner.scales is layer.inner_scales  # the inner layer computes with the tuned scales
+    norm = cm.model.model.norm.weight
+    assert not torch.equal(norm, plain.model.model.norm.weight)
+    with torch.no_grad():
+        ref = model_outputs(original, CALIB, False)
+        kl = {k: float(output_damage(ref, model_outputs(m, CALIB, False), False).mean())
+              for k, m in (("plain", plain.model), ("tuned", cm.model))}
+        logits = cm.model(input_ids=IDS).logits
+    assert kl["tuned"] < 0.7 * kl["plain"]
+    cm.save(tmp_path / "m")
+    again = hiercomp.load(tmp_path / "m", runtime="reference")
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    assert again.extra["tuning"]["loss_last"] == facts["loss_last"]
+    fast = hiercomp.load(tmp_path / "m", runtime="fast")  # the inner kernels are built from the tuned scales
+    with torch.no_grad():
+        assert torch.allclose(fast.model(input_ids=IDS).logits, logits, atol=1e-4)
+
+
+def test_tuning_e8_stage_scales_and_errors():
+    cm = hiercomp.compress(tiny_llama(), Recipe.single("quip", bits=2.0), CALIB, progress=False,
+                           recovery=TuneConfig(steps=5, lr=1e-2, norms=False))
+    assert cm.extra["tuning"]["tensors"] == 14  # one scales tensor per layer; norms left alone
+    with pytest.raises(HiercompError, match="at least 1 step"):
+        hiercomp.compress(tiny_llama(), Recipe.single("rtn", bits=4), CALIB, progress=False,
+                          recovery=TuneConfig(steps=0))
+    with pytest.raises(HiercompError, match="pass --calib"):
+        hiercomp.compress(tiny_llama(), Recipe.single("rtn", bits=4), None, progress=False,
+                          recovery=TuneConfig(steps=2))
+    with pytest.raises(HiercompError, match="at most one"):
+        split_recovery([TuneConfig(), TuneConfig()])
+
+
+@needs_shared
+def test_cli_rotate_and_tune_on_stories260k(tmp_path, capsys):
+    out = tmp_path / "m"
+    code = main(["compress", str(STORIES), "--method", "gptq", "--bits", "3", "--group-size", "32", "--rotate",
+                 "--calib", str(TINYSTORIES), "--calib-n", "8", "--calib-len", "64", "--tune-steps", "6",
+                 "--tune-lr", "0.005", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "hiercomp.json").read_text())
+    assert meta["tuning"]["steps"] == 6 and meta["tuning"]["lr"] == 0.005
+    assert meta["tuning"]["loss_last"] < meta["tuning"]["loss_first"]
+    assert {r["method"] for r in meta["recipe"]["rules"]} == {"rot_gptq"}
+    layers = compressed_layers(hiercomp.load(out, runtime="reference").model)
+    assert layers and all(isinstance(m, RotatedLinear) for m in layers.values())
+    assert main(["compress", str(STORIES), "--method", "wanda", "--rotate", "--out", str(tmp_path / "w")]) == 2
+    assert "rotate applies to the quantizers" in capsys.readouterr().err
+    assert main(["compress", str(STORIES), "--method", "rtn", "--tune-steps", "2", "--out", str(tmp_path / "t")]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
