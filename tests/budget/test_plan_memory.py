@@ -47,6 +47,12 @@ def test_kv_bytes_at_context_and_batch_equal_a_real_cache(spec: str) -> None:
     assert cache.held_bytes() == pytest.approx(predicted, rel=0.01)
     if spec == "none":
         assert predicted == 2 * batch * 2 * context * 32 * 4  # K and V, 2 layers, 2 KV heads × 32 dims, fp32
+    with torch.no_grad():  # then 40 decoded tokens: appended, or held at the budget by streaming
+        for _ in range(40):
+            model(torch.randint(0, 128, (batch, 1)), **adapter.cache_kwargs(cache))
+    after = kv_bytes_at(kv_layer_like(model, spec), 2, context, batch, generated=40)
+    assert cache.held_bytes() == pytest.approx(after, rel=0.01)
+    assert (after == predicted) == spec.startswith("streaming")
 
 
 def test_memory_units_and_plan_round_trip() -> None:

@@ -87,10 +87,11 @@ def kv_layer_like(model: nn.Module, spec: Any, store_dtype: torch.dtype | None =
     return layer
 
 
-def kv_bytes_at(layer: Any, n_layers: int, context: int, batch: int) -> float:
+def kv_bytes_at(layer: Any, n_layers: int, context: int, batch: int, generated: int = 0) -> float:
     """Bytes of a whole cache (``n_layers`` like ``layer``) after a prefill of ``context`` tokens per sequence, for
     ``batch`` sequences: the evictor's kept tokens (its budget at that prompt length), each at the encoder's or the
-    store dtype's bytes, by ``KVLayer.bytes_for_tokens``."""
+    store dtype's bytes, by ``KVLayer.bytes_for_tokens``; plus ``generated`` decoded tokens appended (an evictor
+    that keeps its budget while decoding, StreamingLLM or H2O, stays at its budget)."""
     scale = batch / layer.batch  # bytes_for_tokens counts the layer's own batch
 
     def whole(n: int) -> float:
@@ -99,7 +100,9 @@ def kv_bytes_at(layer: Any, n_layers: int, context: int, batch: int) -> float:
     kept = context
     if layer.evictor is not None:
         kept = min(context, layer.evictor.budget.keep_tokens(context, whole))
-    return whole(kept)
+        if layer.evictor.decode_evict:
+            return whole(kept)
+    return whole(kept + generated)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -212,8 +215,7 @@ class MemorySetup:
         measured = float(cache.held_bytes())
         formula = kv_bytes_at(layer, self.n_layers, self.prefix, 1)
         total = kv_bytes_at(layer, self.n_layers, context, batch)
-        grows = parsed.evictor is None or not parsed.evictor.decode_evict
-        per_token = (kv_bytes_at(layer, self.n_layers, context + 64, batch) - total) / 64 if grows else 0.0
+        per_token = (kv_bytes_at(layer, self.n_layers, context, batch, generated=256) - total) / 256
         if parsed.is_exact:
             kl, top1 = 0.0, 1.0  # the replayed cache holds the prefill's own keys and values
         else:
