@@ -25,6 +25,7 @@ from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers, set_module, walk
 from hiercomp.io.atomic import atomic_dir, check_output_dir
 from hiercomp.io.hf import LoadedModel, as_loaded, is_compressed_dir, load_hf_model
+from hiercomp.io.resume import resume_folder
 from hiercomp.io.saved import (
     WEIGHTS_FILE,
     _unique_state,
@@ -132,6 +133,7 @@ def compress(
     batch_size: int = 8,
     progress: bool = True,
     trust_remote_code: bool = False,
+    resume: bool = False,
 ) -> CompressedModel:
     """Compress a model (a Hugging Face folder, hub id, or an already loaded model) and, with ``out``, save it.
 
@@ -144,6 +146,8 @@ def compress(
     the same default windows (:data:`hiercomp.calibration.DEFAULT_NUM_SEQUENCES` of min(512, context) tokens).
     ``out`` is checked before any work and written atomically at the end (``force`` replaces it).
     A model passed as a module is compressed in place.
+    With ``out``, each finished block is checkpointed beside it (:mod:`hiercomp.io.resume`); after a hard kill,
+    ``resume=True`` with the same arguments continues from the last finished block, to the same bytes.
     """
     if out is not None:
         check_output_dir(out, force)  # fail before the work
@@ -183,18 +187,20 @@ def compress(
     if plan.removed:  # depth pruning first, so the engine compresses only (recovered) remaining layers
         depth_facts = apply_removals(loaded.model, plan.removed, calibration, recovery,
                                      encoder=loaded.is_encoder, progress=progress)
-    report = CompressionReport()
-    if plan.kept_layers():
-        report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
-                                sequential=sequential, batch_size=batch_size, progress=progress)
-    if tuning is not None:
-        depth_facts["tuning"] = {**tune(loaded.model, teacher, calibration, tuning, encoder=loaded.is_encoder,
-                                        progress=progress).to_dict(), **asdict(tuning)}
-        del teacher
-    cm = CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe_obj, report, loaded.source,
-                         extra=depth_facts, plan=plan)
-    if out is not None:
-        cm.save(out, force=force)
+    with resume_folder(out, resume) as checkpoints:  # removed once saved; only a hard kill leaves it
+        report = CompressionReport()
+        if plan.kept_layers():
+            report = compress_model(loaded.model, plan, calibration, encoder=loaded.is_encoder, propagate=propagate,
+                                    sequential=sequential, batch_size=batch_size, progress=progress,
+                                    checkpoints=checkpoints)
+        if tuning is not None:
+            depth_facts["tuning"] = {**tune(loaded.model, teacher, calibration, tuning, encoder=loaded.is_encoder,
+                                            progress=progress).to_dict(), **asdict(tuning)}
+            del teacher
+        cm = CompressedModel(loaded.model, loaded.tokenizer, loaded.is_encoder, recipe_obj, report, loaded.source,
+                             extra=depth_facts, plan=plan)
+        if out is not None:
+            cm.save(out, force=force)
     return cm
 
 

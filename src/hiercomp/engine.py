@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -31,6 +32,7 @@ from hiercomp.calibration.stats import StatsCollector, relative_output_error
 from hiercomp.compression_report import CompressionReport, LayerReport
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import ModelHierarchy, linear_weight, set_module, walk
+from hiercomp.io.resume import BlockCheckpoints, kill_point
 from hiercomp.layers import CompressedLinear
 from hiercomp.methods import LayerStats, Method
 from hiercomp.plan import Plan
@@ -128,9 +130,13 @@ def compress_model(
     measure_error: bool = True,
     progress: bool = True,
     hierarchy: ModelHierarchy | None = None,
+    checkpoints: BlockCheckpoints | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place following ``plan``'s layers (its removals must already be applied: see
-    :func:`hiercomp.api.compress`). Returns the report."""
+    :func:`hiercomp.api.compress`). Returns the report.
+
+    ``checkpoints`` (:mod:`hiercomp.io.resume`): each finished block is saved there with the next block's inputs,
+    and the blocks a killed run with the same arguments finished are restored instead of compressed again."""
     plan_methods = plan.methods()
     if propagate not in ("compressed", "original"):
         raise HiercompError(f"propagate must be 'compressed' or 'original', got {propagate!r}")
@@ -168,11 +174,28 @@ def compress_model(
         return report
 
     use_data = calibration is not None
+    finished = 0 if checkpoints is None else checkpoints.start(model, plan.to_dict(), calibration, {
+        "encoder": encoder, "propagate": propagate, "sequential": sequential, "batch_size": batch_size,
+        "measure_error": measure_error})
     batches = (capture_block_inputs(model, hierarchy.blocks[0].module, calibration, batch_size, encoder)
                if use_data else [])
+    kill_point("calibration")
     bar = tqdm(total=last_needed + 1, desc="compressing blocks", unit="block", disable=not progress)
     for block_info, targets in zip(hierarchy.blocks[: last_needed + 1], block_targets[: last_needed + 1]):
         block = block_info.module
+        first_row, notes = len(report.layers), {}
+        n_next = len(batches) if use_data and block_info.index < last_needed else 0
+        if block_info.index < finished:  # a killed run's finished block: restored, its outputs read back
+            positions = {lin.name: lin.position for lin in targets}
+            rows, notes = checkpoints.restore_block(block_info.index, block, positions)
+            report.layers.extend(LayerReport(**row) for row in rows)
+            if notes:
+                report.settings.setdefault("group_transforms", {}).update(notes)
+            if block_info.index == finished - 1:
+                for batch, hidden in zip(batches, checkpoints.restore_inputs(block_info.index, n_next)):
+                    batch.hidden = hidden
+            bar.update(1)
+            continue
         original = copy.deepcopy(block) if (use_data and propagate == "original" and targets) else None
         if targets and not use_data:
             for lin in targets:
@@ -180,6 +203,7 @@ def compress_model(
                                                 None, lin.origin)
                 set_module(block, lin.position, compressed)
                 report.layers.append(rep)
+                kill_point(f"block:{block_info.index}")
         elif targets:
             modules = {lin.position: block.get_submodule(lin.position) for lin in targets}
             # Layers reading the same tensor (q/k/v; gate/up) share one set of statistics.
@@ -211,6 +235,7 @@ def compress_model(
                                                         stats, lin.origin)
                         set_module(block, position, compressed)
                         report.layers.append(rep)
+                        kill_point(f"block:{block_info.index}")
                 del collector
         if use_data and block_info.index < last_needed:
             source = original if original is not None else block
@@ -218,6 +243,11 @@ def compress_model(
                 for batch in batches:
                     batch.hidden = run_block(source, batch)
         del original
+        if checkpoints is not None:
+            checkpoints.save_block(block_info.index, block,
+                                   {lin.name: block.get_submodule(lin.position).full_config() for lin in targets},
+                                   [asdict(row) for row in report.layers[first_row:]], notes,
+                                   [batch.hidden for batch in batches[:n_next]])
         bar.update(1)
     bar.close()
     report.seconds = time.perf_counter() - start

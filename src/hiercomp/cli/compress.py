@@ -46,6 +46,9 @@ from hiercomp.errors import HiercompError
 @click.option("--no-sequential", is_flag=True, help="Gather a block's statistics once, not stage by stage.")
 @click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run (same arguments) from its last finished block, kept beside --out; "
+                   "the output is byte-identical to an uninterrupted run's.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--json", "json_out", default=None, help="Also write the compression report as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -79,7 +82,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              json_out: str | None, quiet: bool, drop: int = 0, drop_unit: str = "block", drop_rule: str = "position",
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
-             cache_dir: str | None = None, rotate: bool = False, tune_steps: int = 0,
+             cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
              tune_lr: float = 1e-3) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
@@ -114,7 +117,8 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     cm = run_compress(model, plan_file or recipe_obj, calibration, budget=budget, search=search_kind, levels=levels,
                       evo=evo, cache_dir=cache_dir, drop=drop, drop_unit=drop_unit, drop_rule=drop_rule,
                       recovery=recovery, seed=seed, out=out, force=force, propagate=propagate,
-                      sequential=not no_sequential, progress=not quiet, trust_remote_code=trust_remote_code)
+                      sequential=not no_sequential, progress=not quiet, trust_remote_code=trust_remote_code,
+                      resume=resume)
     if budget is not None and cm.plan is not None:
         click.echo(f"plan ({search_kind}, {budget}): {cm.plan.cost['bits_per_weight']:.4f} bits per weight, "
                    f"{cm.plan.cost['size_bytes']:.0f} bytes, {cm.plan.fitness['metric']} "

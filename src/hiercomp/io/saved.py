@@ -28,6 +28,7 @@ from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers, set_module
 from hiercomp.io.atomic import atomic_dir
 from hiercomp.io.integrity import HASH, file_digest, read_regular, structure_digest, verify_files, verify_structure
+from hiercomp.io.resume import kill_point
 from hiercomp.layers import build_layer
 
 FORMAT_NAME = "hiercomp"
@@ -83,6 +84,7 @@ def save_compressed(
             info["removed"] = [{"name": name} for name in removed_subblocks(model)]
     with atomic_dir(out, force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=SAFETENSORS_METADATA)
+        kill_point("save")  # test hook ($HIERCOMP_TEST_KILL_AT=save): a hard kill mid-save, for --resume's tests
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
