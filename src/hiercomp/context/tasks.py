@@ -73,6 +73,18 @@ def compressor_for(option: ContextOption, model: Any, tokenizer: Any) -> Any:
                             segment_tokens=int(option.get("segment_tokens", 64)), seed=int(option.get("seed", 0)))
 
 
+def check_context_task(spec: TaskSpec, option: ContextOption) -> None:
+    """One-line error unless ``spec`` is a zero-shot generation task whose template has the option's passage field
+    (checked before any model work)."""
+    if spec.kind != "generation" or spec.fewshot:
+        raise HiercompError(f"--context compresses the passage of zero-shot generation tasks; {spec.name} is "
+                            f"{spec.kind} with {spec.fewshot} shots")
+    context_field = option.get("field", "context")
+    if context_field not in spec.template_fields():
+        raise HiercompError(f"task {spec.name} has no {{{context_field}}} in its template (no passage to compress); "
+                            "name the passage field with --context METHOD:budget=...,field=NAME")
+
+
 def compressed_examples(spec: TaskSpec | str | Path, option: ContextOption | str, model: Any, tokenizer: Any,
                         data_dir: str | Path | None = None, limit: int | None = None, progress: bool = True,
                         compressor: Any = None) -> tuple[list[Example], dict[str, Any]]:
@@ -84,13 +96,8 @@ def compressed_examples(spec: TaskSpec | str | Path, option: ContextOption | str
     """
     spec = resolve_spec(spec)
     option = parse_context_option(option) if isinstance(option, str) else option
-    if spec.kind != "generation" or spec.fewshot:
-        raise HiercompError(f"--context compresses the passage of zero-shot generation tasks; {spec.name} is "
-                            f"{spec.kind} with {spec.fewshot} shots")
+    check_context_task(spec, option)
     context_field, question_field = option.get("field", "context"), option.get("question", "question")
-    if context_field not in spec.template_fields():
-        raise HiercompError(f"task {spec.name} has no {{{context_field}}} in its template; name the passage field "
-                            "with --context METHOD:budget=...,field=NAME")
     path = data_path(spec, data_dir)
     rows = read_rows(spec, path)
     rows = rows if limit is None else rows[:limit]
