@@ -29,8 +29,8 @@ def compress_argv(model: Path, out: Path, method: str, text: Path, *extra: str) 
             "--calib-len", "64", "--quiet", *extra]
 
 
-def run_killed(argv: list[str], kill_at: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m hiercomp.cli ARGV`` in its own process, which SIGKILLs itself at ``kill_at``."""
+def run_process(argv: list[str], kill_at: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m hiercomp.cli ARGV`` in its own process on one thread, which SIGKILLs itself at ``kill_at``."""
     env = {**os.environ, "HIERCOMP_TEST_KILL_AT": kill_at, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "hiercomp.cli", *argv], env=env, capture_output=True, text=True,
@@ -99,7 +99,7 @@ def kill_then_resume(model: Path, text: Path, method: str, point: str, root: Pat
     """Kill a run at ``point``, resume it, compare its output with ``reference`` (an uninterrupted run's)."""
     root.mkdir(parents=True, exist_ok=True)
     argv = compress_argv(model, root / "out", method, text)
-    killed = run_killed(argv, point)
+    killed = run_process(argv, point)
     left = sorted(p.name for p in root.iterdir())
     code, stderr = run_here([*argv, "--resume"])
     notes = [line for line in stderr.splitlines() if line.startswith("note:")]
