@@ -271,9 +271,10 @@ TUNED_CONFIGS = [  # the most telling first, in case the time runs out
     ("rot_gptq", {"bits": 3, "group_size": 128}), ("quip", {"bits": 2.0}), ("quip", {"bits": 3.0}),
     ("rot_gptq", {"bits": 2, "group_size": 128}), ("rot_gptq", {"bits": 2, "group_size": 32}), ("quip", {"bits": 2.5}),
 ]
-# llm-compressor's GPTQModifier, symmetric int grid (its W4A16 scheme at these widths), defaults otherwise. Groups of
-# 64, not 128: it refuses groups that do not divide a layer's columns (SmolLM2's 576); 64 gives it more bits.
-PEER_CONFIGS = [(3, 64), (2, 64), (2, 32)]
+# llm-compressor's GPTQModifier, int grid symmetric (its W4A16 scheme at these widths) or asymmetric (as hiercomp's
+# gptq), defaults otherwise. Groups of 64, not 128: it refuses groups that do not divide a layer's columns (SmolLM2's
+# 576); 64 gives it more bits.
+PEER_CONFIGS = [(3, 64, True), (2, 64, True), (2, 32, True), (3, 64, False), (2, 32, False), (2, 64, False)]
 LLMC_PYTHON = os.environ.get("LLMC_PYTHON", "/work/venvs/llmcompressor/bin/python")
 PEER_DATA = REF_CACHE / "SmolLM2-135M_data.pt"
 
@@ -312,7 +313,7 @@ def run_tuned(model_name: str, method: str, params: dict) -> dict:
     return row
 
 
-def peer_one(model_dir: str, bits: int, group_size: int) -> dict:
+def peer_one(model_dir: str, bits: int, group_size: int, symmetric: bool = True) -> dict:
     """In llm-compressor's own venv: its GPTQ on the same calibration windows, scored on the same held-out windows
     against the same reference logits (all read from PEER_DATA and the reference cache)."""
     import resource
@@ -331,16 +332,17 @@ def peer_one(model_dir: str, bits: int, group_size: int) -> dict:
     calib = data["calib"]
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size))
+        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, processor=tokenizer, max_seq_length=calib.shape[1],
             num_calibration_samples=calib.shape[0])
     seconds = time.perf_counter() - start
     row = {"model": "SmolLM2-135M", "method": f"llm-compressor {__version__} GPTQ",
-           "params": {"bits": bits, "group_size": group_size, "symmetric": True},
-           # codes + one float16 scale per group (no zero points: symmetric), as a W·A16 checkpoint stores them
-           "bpw": bits + 16 / group_size, "seconds": seconds,
+           "params": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
+           # codes + one float16 scale per group (+ a zero point of `bits` bits per group when asymmetric, counted
+           # as hiercomp counts its own), as a W·A16 checkpoint stores them
+           "bpw": bits + (16 + (0 if symmetric else bits)) / group_size, "seconds": seconds,
            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "calib": list(calib.shape)}
     model.eval()
     for k, w in data["windows"].items():
@@ -367,15 +369,16 @@ def run_part3(which: str = "all") -> None:
         if not PEER_DATA.exists():
             torch.save({"windows": eval_windows("SmolLM2-135M", tokenizer),
                         "calib": calibration("SmolLM2-135M", tokenizer)}, PEER_DATA)
-        jobs += [([LLMC_PYTHON, __file__, "peer_one", model_path("SmolLM2-135M"), str(b), str(g)],
-                  ("SmolLM2-135M", "llm-compressor", b, g)) for b, g in PEER_CONFIGS]
+        jobs += [([LLMC_PYTHON, __file__, "peer_one", model_path("SmolLM2-135M"), str(b), str(g), str(int(sym))],
+                  ("SmolLM2-135M", "llm-compressor", b, g, sym)) for b, g, sym in PEER_CONFIGS]
     if which in ("all", "tuned"):
         jobs += [([sys.executable, __file__, "tuned_one", "SmolLM2-135M", m, json.dumps(p)],
                   ("SmolLM2-135M", m, json.dumps(p, sort_keys=True), True)) for m, p in TUNED_CONFIGS]
     for cmd, key in jobs:
         if key[1] == "llm-compressor":
             if any(k[0] == key[0] and k[1].startswith("llm-compressor") and json.loads(k[2])["bits"] == key[2]
-                   and json.loads(k[2])["group_size"] == key[3] for k in done):
+                   and json.loads(k[2])["group_size"] == key[3] and json.loads(k[2])["symmetric"] == key[4]
+                   for k in done):
                 continue
         elif key in done:
             continue
@@ -552,7 +555,7 @@ def main() -> None:
         print(json.dumps(run_tuned(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))))
         return
     if what == "peer_one":
-        print(json.dumps(peer_one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(peer_one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] != ["0"])))
         return
     start = time.perf_counter()
     if what in ("all", "rd"):
