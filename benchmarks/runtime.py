@@ -161,6 +161,62 @@ print(json.dumps({"load_s": load_s, "load_mb": load_mb, "base_mb": base, "prefil
 """
 
 
+def load_worker(spec: dict) -> dict:
+    """Peak resident memory of loading alone, net of the code it needs: the baseline is taken after importing
+    the model class (transformers' Llama modelling code costs ~190 MB of resident memory on its own, which the
+    decode rows' baseline does not exclude)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+
+    import hiercomp
+
+    base_hwm = _hwm_mb()
+    start = time.perf_counter()
+    if spec["kind"] == "hiercomp":
+        model = hiercomp.load(spec["path"], runtime=spec["runtime"]).model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    return {"load_s": load_s, "load_peak_mb": _hwm_mb() - base_hwm, "held_mb": _read_bytes(model) / 1e6}
+
+
+def _hwm_mb() -> float:
+    return [int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+
+
+def load_rows(source: Path, folders: list[Path]) -> list[dict]:
+    """hiercomp.load's peak RSS against issue 10's bound, 1.2 x (packed bytes + unquantized tensors) = 1.2 x the
+    tensor bytes of the saved file; from_pretrained of the original beside it."""
+    rows = []
+    specs = [("original fp32, from_pretrained", {"kind": "hf", "path": str(source)}, source / "model.safetensors")]
+    for folder in folders:
+        for runtime in ("fast", "reference"):
+            specs.append((f"hiercomp.load {folder.name}, {runtime}", {"kind": "hiercomp", "path": str(folder),
+                                                                       "runtime": runtime},
+                          folder / "model.safetensors"))
+    for label, spec, weights in specs:
+        out = subprocess.run([sys.executable, __file__, "--load-worker", json.dumps(spec)], capture_output=True,
+                             text=True, timeout=600)
+        try:
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            row = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:160]}
+        stored_mb = (weights.stat().st_size - safetensors_header(weights)) / 2**20
+        row.update({"row": label, "stored_mb": stored_mb, "bound_mb": 1.2 * stored_mb})
+        if "load_peak_mb" in row:
+            row["of_bound"] = row["load_peak_mb"] / row["bound_mb"]
+        rows.append(row)
+        print(f"   {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def safetensors_header(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
 def run_worker(spec: dict, python: str = sys.executable, timeout: int = 900) -> dict:
     if spec["kind"] == "llamacpp":
         cmd = ["nice", "-n", "10", python, "-c", LLAMACPP_WORKER, json.dumps(spec)]
@@ -254,15 +310,17 @@ def random_llama(out: Path) -> Path:
 
 
 def byte_level_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer of exactly ``vocab_size`` entries (the 256 byte symbols, then filler tokens,
-    no merges): the random model's prompts are random ids, the tokenizer only has to exist and match the vocab."""
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` entries (the 256 byte symbols, one merge, then
+    filler tokens): the random model's prompts are random ids, the tokenizer only has to exist and match the vocab."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     symbols = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *sorted(symbols)])}
+    # One real merge: llama.cpp refuses a BPE vocabulary without merges ("cannot find tokenizer merges").
+    vocab["Ġt"] = len(vocab)
     vocab.update({f"<filler_{i}>": i for i in range(len(vocab), vocab_size)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -276,6 +334,16 @@ def compressed(source: Path, bits: int, group: int | None, symmetric: bool, out:
     rule = {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric}
     hiercomp.compress(str(source), {"rules": [rule]}, progress=False).save(out)
     return out
+
+
+def gguf_read_bytes(path: Path) -> int:
+    """Bytes llama.cpp reads per decoded token: every tensor of the file except the input embedding when the
+    model has a separate output matrix (one row of it is read per token), as hiercomp's rows count."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    embed = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    return sum(tensors.values()) - embed
 
 
 def gguf_export(folder: Path, out: Path) -> tuple[Path | None, str]:
@@ -345,10 +413,12 @@ def measure(quick: bool) -> tuple[list[dict], dict]:
                 rows.append({**base, "row": row_label, "error": f"not measured: {why}"})
                 continue
             add(row_label, {"kind": "llamacpp", "path": str(gguf)}, python=str(LLAMACPP_PY))
+            rows[-1]["read_bytes"] = gguf_read_bytes(gguf)
         for folder in sorted(WORK.glob(f"{slug}-rtn*")):
             if folder.is_dir():
                 weights = folder / "model.safetensors"
                 facts[f"file:{folder.name}"] = weights.stat().st_size
+    facts["load"] = load_rows(smollm2_dir(), sorted(WORK.glob("smollm2-135m-instruct-rtn*-g64")))
     facts["load_after"] = os.getloadavg()[0]
     return rows, facts
 
@@ -404,6 +474,18 @@ def render(rows: list[dict], facts: dict) -> str:
             ("ref_ms", "reference ms", f1), ("ref_cpu_ms", "reference CPU ms", f1),
             ("kernel_mb", "kernel MB", f1)]),
         "",
+        "## Lean loading: peak memory of loading alone",
+        "",
+        "SmolLM2-135M, each row its own process; peak RSS (VmHWM) of the load call minus the process's after "
+        "importing torch, transformers, hiercomp and the Llama model class (the modelling code alone is ~190 MB, "
+        "paid by both routes). Bound (issue 10): 1.2 × (packed bytes + unquantized tensors) = 1.2 × the tensor "
+        "bytes of the saved file. MB here are MiB. 'held' = the model's tensors after loading, kernels included.",
+        "",
+        markdown_table(facts.get("load", []), [
+            ("row", "load", None), ("stored_mb", "stored tensors MiB", f1), ("bound_mb", "bound MiB", f1),
+            ("load_peak_mb", "load peak MiB", f1), ("of_bound", "of bound", lambda v: f"{100 * v:.0f}%"),
+            ("held_mb", "held MB", f1), ("load_s", "load s", f2), ("error", "error", None)]),
+        "",
     ]
     return "\n".join(lines)
 
@@ -413,10 +495,21 @@ def main() -> None:
     parser.add_argument("--worker", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", default=None, help="render from a saved rows JSON instead of measuring")
+    parser.add_argument("--load-worker", default=None)
+    parser.add_argument("--load-only", action="store_true", help="measure the lean-loading table into --rows")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.load_worker:
+        print(json.dumps(load_worker(json.loads(args.load_worker))))
+        return
+    if args.load_only and args.rows:
+        from hiercomp.io.builtin import smollm2_dir
+
+        data = json.loads(Path(args.rows).read_text())
+        data["facts"]["load"] = load_rows(smollm2_dir(), sorted(WORK.glob("smollm2-135m-instruct-rtn*-g64")))
+        Path(args.rows).write_text(json.dumps(data, indent=1))
     if args.rows:
         data = json.loads(Path(args.rows).read_text())
         rows, facts = data["rows"], data["facts"]
@@ -429,7 +522,40 @@ def main() -> None:
     print(text)
 
 
-READING = ""  # written after the measured run: see the end of benchmarks/results/runtime.md
+# Written after the measured run, from its rows (rerender with --rows after a new run, and revise this).
+READING = """
+## Reading: where we stand against issue 10's goals
+
+* **4-bit decode ≥ 2.5× fp32: not met.** SmolLM2-135M: 25.9 tok/s = 1.35× fp32 (bf16 alone gives 1.56×);
+  random 2048-wide Llama: 21.7 tok/s = 1.82× fp32. Every layer kernel is fast in isolation (one 5632×2048 layer,
+  one token: 0.85 ms at 4 bits vs 1.75 ms fp32 and 1.10 ms bf16, ~190× faster than the reference path that
+  dequantizes at every forward), but the model around the layers is not: at batch 1 each token also pays
+  Python-level module dispatch for 30 blocks × 7 layers, bf16 casts of every activation, attention and norms in
+  float32 and — on SmolLM2 — the tied 49152×576 output projection kept in float32, 113 MB of the 177 MB read per
+  token. We reach 15-33% of the memory-bandwidth bound; llama.cpp reaches 76-90%.
+* **Within 1.5× of llama.cpp Q4_0: not met.** llama.cpp on our exact Q4_0 export decodes 130.9 tok/s on SmolLM2
+  (5.1× ours) and 58.9 tok/s on the random Llama (2.7× ours). The export is the route to speed today: the same
+  weights, bit-identical (export.md), in an engine built for it.
+* **RSS ≤ 0.35× fp32: not met.** 0.66× on SmolLM2 and 0.64× on the random Llama at 4 bits (llama.cpp: 0.36× on
+  SmolLM2). The kernels' packed weights are small (int4: 6.1 MB for a 46 MB fp32 layer); what remains is the
+  float32 embedding/output matrices, the process's allocator high-water mark from load and the activations.
+* **Lean loading: the skeleton is built on `meta` and only stored tensors are materialised, but the 1.2× bound
+  is met by neither runtime.** Peak of the load call alone (table above): reference runtime 216-238 MiB for
+  137-163 MiB stored (122-131% of the 1.2× bound, i.e. 1.46-1.57× the stored bytes), fast runtime 252-268 MiB
+  (136-154% of the bound), after giving glibc's freed heap back between layers (without it the 2-bit fast load
+  held 1.4 GB). transformers' from_pretrained of the fp32 model peaks at 25 MiB during the call because it maps
+  the file lazily (its pages count when touched at the first forward). The fast loads took 43-178 s in that run
+  (load average 8, other work on both cores); alone, a 4-bit fast load takes ~5 s — unpacking 2/3-bit codes into
+  the kernels' int8 form is the slow part (profiled: bit unpacking and float temporaries per column group), not
+  yet optimised.
+* The reference runtime (dequantize at every forward, the bit-exact form) is 0.04-0.10× fp32: it exists to check
+  the fast paths against, not to run.
+
+The 6-bit row of the layer table was re-measured alone (`layer_rows()`, same script): the full run had printed
+124 ms for it, which reruns did not reproduce (0.92 ms, in line with the 8-bit grouped path: the same int8 kernel,
+one call per group). llama.cpp's "MB read/token" counts every tensor of the GGUF but the input embedding when the
+model has a separate output matrix (the random Llama), as hiercomp's rows do.
+"""
 
 if __name__ == "__main__":
     main()
