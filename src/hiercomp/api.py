@@ -76,6 +76,11 @@ class CompressedModel:
 
     def save(self, out: str | Path, force: bool = False) -> Path:
         """Write the folder atomically: weights, config, tokenizer, hiercomp.json, plan.yaml (+ recipe.yaml)."""
+        meta, files = self.folder_contents()
+        return save_compressed(self.model, out, tokenizer=self.tokenizer, files=files, meta=meta, force=force)
+
+    def folder_contents(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """What a saved folder holds besides the weights: hiercomp.json's entries and the YAML files by name."""
         meta = {"source": self.source, "is_encoder": self.is_encoder, "report": self.report.to_dict(),
                 "recipe": None if self.recipe is None else self.recipe.to_dict(),
                 "plan": None if self.plan is None else self.plan.to_dict(),
@@ -89,7 +94,7 @@ class CompressedModel:
             files["plan.yaml"] = self.plan.to_yaml()
         if self.recipe is not None:
             files["recipe.yaml"] = self.recipe.to_yaml()
-        return save_compressed(self.model, out, tokenizer=self.tokenizer, files=files, meta=meta, force=force)
+        return meta, files
 
 
 def _plan_from(what: Any, model: nn.Module) -> tuple[Plan, Recipe | None]:
@@ -134,6 +139,7 @@ def compress(
     progress: bool = True,
     trust_remote_code: bool = False,
     resume: bool = False,
+    stream: bool = False,
 ) -> CompressedModel:
     """Compress a model (a Hugging Face folder, hub id, or an already loaded model) and, with ``out``, save it.
 
@@ -148,6 +154,9 @@ def compress(
     A model passed as a module is compressed in place.
     With ``out``, each finished block is checkpointed beside it (:mod:`hiercomp.io.resume`); after a hard kill,
     ``resume=True`` with the same arguments continues from the last finished block, to the same bytes.
+    ``stream=True``: a model larger than memory, read block by block from its folder's safetensors shards and
+    written block by block into ``out`` (:mod:`hiercomp.stream`); the returned model is a skeleton on ``meta``
+    (load the folder with :func:`load`).
     """
     if out is not None:
         check_output_dir(out, force)  # fail before the work
@@ -156,6 +165,19 @@ def compress(
     if budget is None and recipe is None and not drop:
         raise HiercompError("say what to do: a method (--method NAME; `hiercomp methods` lists them), a recipe, "
                             "a plan, a budget or --drop N")
+    if stream:  # larger than memory: one block at a time, from the shards to the output folder
+        from hiercomp.stream import compress_streaming
+
+        whole_model = budget is not None or drop or recovery is not None
+        if out is None or whole_model or not isinstance(model_or_path, (str, Path)):
+            raise HiercompError("--stream (stream=True) compresses a model folder by a method, recipe or plan into "
+                                "--out; a budget search, --drop and recovery need the whole model — drop --stream")
+        if resume:
+            raise HiercompError("--resume does not combine with --stream (its checkpoints hash the whole model); "
+                                "drop one of them")
+        return compress_streaming(model_or_path, recipe, calibration, out=out, force=force, propagate=propagate,
+                                  sequential=sequential, batch_size=batch_size, progress=progress,
+                                  trust_remote_code=trust_remote_code)
     recovery, tuning = split_recovery(recovery)  # depth recovery (before quantizing), recovery tuning (after)
     if recovery is not None and not drop and recipe is None:
         raise HiercompError("recovery (--recover-steps) distils the blocks after a removal: add --drop N "

@@ -22,6 +22,7 @@ import copy
 import time
 from dataclasses import asdict
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,12 +132,15 @@ def compress_model(
     progress: bool = True,
     hierarchy: ModelHierarchy | None = None,
     checkpoints: BlockCheckpoints | None = None,
+    stream: Any = None,
 ) -> CompressionReport:
     """Compress ``model`` in place following ``plan``'s layers (its removals must already be applied: see
     :func:`hiercomp.api.compress`). Returns the report.
 
     ``checkpoints`` (:mod:`hiercomp.io.resume`): each finished block is saved there with the next block's inputs,
-    and the blocks a killed run with the same arguments finished are restored instead of compressed again."""
+    and the blocks a killed run with the same arguments finished are restored instead of compressed again.
+    ``stream`` (:class:`hiercomp.stream.ShardStream`): ``before_block(i, block)`` fills block i's weights before it
+    is compressed and ``after_block(i, block)`` writes and releases it, for a model built on ``meta``."""
     plan_methods = plan.methods()
     if propagate not in ("compressed", "original"):
         raise HiercompError(f"propagate must be 'compressed' or 'original', got {propagate!r}")
@@ -196,6 +200,8 @@ def compress_model(
                     batch.hidden = hidden
             bar.update(1)
             continue
+        if stream is not None:  # hiercomp.stream: the block's weights are read now (the model is on meta)
+            stream.before_block(block_info.index, block)
         original = copy.deepcopy(block) if (use_data and propagate == "original" and targets) else None
         if targets and not use_data:
             for lin in targets:
@@ -248,6 +254,8 @@ def compress_model(
                                    {lin.name: block.get_submodule(lin.position).full_config() for lin in targets},
                                    [asdict(row) for row in report.layers[first_row:]], notes,
                                    [batch.hidden for batch in batches[:n_next]])
+        if stream is not None:  # written to the output folder and released
+            stream.after_block(block_info.index, block)
         bar.update(1)
     bar.close()
     report.seconds = time.perf_counter() - start

@@ -146,8 +146,9 @@ def evaluate(
     ``perplexity_full_cache`` the same weights' with the full cache, and KL / top-1 compare with the
     ``reference`` (weights and KV together) or, without one, with the full cache (the KV cache's own damage).
     ``kv_bytes`` is what the cache held after the prefix (measured), beside ``kv_full_bytes`` (16-bit full
-    cache). Tasks decode through a fresh cache per question (``kv_tasks``: bytes per question at its end); the
-    reference keeps its full cache.
+    cache). Tasks run through a fresh cache per question: the whole prompt (passage and question alike) is
+    prefilled into it and the answer decoded, or the choices scored, through it (``kv_tasks``: bytes per question
+    at its end); the reference keeps its full cache.
 
     ``context`` (``"tokens:budget=0.25x"``, :func:`hiercomp.context.tasks.parse_context_option`): each task
     passage is compressed before the model reads it (zero-shot generation tasks with a passage, such as squad);

@@ -52,6 +52,9 @@ from hiercomp.errors import HiercompError
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--json", "json_out", default=None, help="Also write the compression report as JSON ('-' = stdout).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--stream", is_flag=True,
+              help="Larger than memory: read one block at a time from MODEL's safetensors shards and write it to "
+                   "--out as it finishes (peak memory ~ one block + calibration activations); same output bytes.")
 @click.option("--drop", type=click.IntRange(min=0), default=0,
               help="Depth pruning: remove this many units (see --drop-unit) before compressing the rest; "
                    "--method is then optional.")
@@ -83,7 +86,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
              cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
-             tune_lr: float = 1e-3) -> None:
+             tune_lr: float = 1e-3, stream: bool = False) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
     Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
@@ -118,7 +121,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
                       evo=evo, cache_dir=cache_dir, drop=drop, drop_unit=drop_unit, drop_rule=drop_rule,
                       recovery=recovery, seed=seed, out=out, force=force, propagate=propagate,
                       sequential=not no_sequential, progress=not quiet, trust_remote_code=trust_remote_code,
-                      resume=resume)
+                      resume=resume, stream=stream)
     if budget is not None and cm.plan is not None:
         click.echo(f"plan ({search_kind}, {budget}): {cm.plan.cost['bits_per_weight']:.4f} bits per weight, "
                    f"{cm.plan.cost['size_bytes']:.0f} bytes, {cm.plan.fitness['metric']} "

@@ -65,6 +65,18 @@ def save_compressed(
 ) -> Path:
     """Write ``model`` (with its compressed layers) to ``out`` atomically. Returns the folder."""
     tensors, aliases = _unique_state(model)
+    info = folder_info(model, aliases, meta)
+    with atomic_dir(out, force) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=SAFETENSORS_METADATA)
+        kill_point("save")  # test hook ($HIERCOMP_TEST_KILL_AT=save): a hard kill mid-save, for --resume's tests
+        finish_folder(tmp, model, info, tokenizer, files)
+    return Path(out)
+
+
+def folder_info(model: nn.Module, aliases: dict[str, str], meta: dict[str, Any] | None) -> dict[str, Any]:
+    """hiercomp.json's content but the files' digests: format, model class, dtype, each compressed layer's config,
+    tied-weight aliases and ``meta``. Reads only modules and dtypes, so a skeleton on ``meta`` (the streaming
+    path, :mod:`hiercomp.stream`) gives what the filled model gives."""
     layers = {name: layer.full_config() for name, layer in compressed_layers(model).items()}
     info = {
         "format": FORMAT_NAME,
@@ -82,18 +94,21 @@ def save_compressed(
             from hiercomp.depth import removed_subblocks
 
             info["removed"] = [{"name": name} for name in removed_subblocks(model)]
-    with atomic_dir(out, force) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=SAFETENSORS_METADATA)
-        kill_point("save")  # test hook ($HIERCOMP_TEST_KILL_AT=save): a hard kill mid-save, for --resume's tests
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for filename, text in (files or {}).items():  # plan.yaml, recipe.yaml: inside the atomic write
-            (tmp / filename).write_text(text)
-        info["files"] = {WEIGHTS_FILE: file_digest(tmp / WEIGHTS_FILE)}  # checked at load: parts stay together
-        info["structure_" + HASH] = structure_digest(json.loads(json.dumps(info, default=str)))
-        (tmp / META_FILE).write_text(json.dumps(info, indent=1, default=str))
-    return Path(out)
+    return info
+
+
+def finish_folder(tmp: Path, model: nn.Module, info: dict[str, Any], tokenizer: Any,
+                  files: dict[str, str] | None) -> None:
+    """Everything of a saved folder after its weights file (already in ``tmp``): config, tokenizer, extra files
+    and hiercomp.json with the weights' digest."""
+    model.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for filename, text in (files or {}).items():  # plan.yaml, recipe.yaml: inside the atomic write
+        (tmp / filename).write_text(text)
+    info["files"] = {WEIGHTS_FILE: file_digest(tmp / WEIGHTS_FILE)}  # checked at load: parts stay together
+    info["structure_" + HASH] = structure_digest(json.loads(json.dumps(info, default=str)))
+    (tmp / META_FILE).write_text(json.dumps(info, indent=1, default=str))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
