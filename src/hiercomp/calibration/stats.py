@@ -52,7 +52,13 @@ class StatsCollector:
     def stats(self, name: str) -> LayerStats:
         """The statistics gathered at layer ``name`` (a group leader: its group reads the same input)."""
         n = max(self.counts[name], 1)
-        hessian = self.sums[name] / n if name in self.sums else None
+        # Handed over, not copied: each leader's statistics are taken once, and for a wide input (an MLP's down
+        # projection) one more (in, in) matrix is hundreds of MB at the peak of the block.
+        total = self.sums.pop(name, None)
+        if total is not None:
+            with torch.inference_mode():  # the sums were made in inference mode (the block's forward)
+                total.div_(n)
+        hessian = total
         stats = LayerStats(channel_sq_mean=self.sq[name] / n, n_tokens=self.counts[name], hessian=hessian)
         for tensor in (stats.channel_sq_mean, stats.hessian):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
