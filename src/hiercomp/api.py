@@ -232,12 +232,13 @@ def model_context(model: nn.Module) -> int | None:
 
 def _search(loaded: LoadedModel, budget: str, calibration: torch.Tensor | None, *, search: str = "evo",
             levels: str | None = None, evo: Any = None, seed: int = 0, cache_dir: str | Path | None = None,
-            max_removed: int = 2, checkpoint: str | Path | None = None, progress: bool = True) -> Any:
+            max_removed: int = 2, checkpoint: str | Path | None = None, progress: bool = True,
+            cluster: Any = None) -> Any:
     if calibration is None:
         raise HiercompError("a search needs calibration text: pass --calib FILE (.txt or .jsonl)")
     outcome = run_search(loaded, budget, calibration=calibration, search=search, levels=levels or DEFAULT_LEVELS,
                          evo=evo or EvoConfig(seed=seed), cache_dir=cache_dir, max_removed=max_removed,
-                         checkpoint=checkpoint, progress=progress)
+                         checkpoint=checkpoint, progress=progress, cluster=cluster)
     return outcome
 
 
@@ -283,19 +284,22 @@ def search(
     model_or_path: Any, budget: str, calibration: Any, *, search: str = "evo", levels: str | None = None,
     evo: Any = None, seed: int = 0, cache_dir: str | Path | None = None, max_removed: int = 2,
     checkpoint: str | Path | None = None, out: str | Path | None = None, pictures: bool = True,
-    tokenizer: Any = None, progress: bool = True, trust_remote_code: bool = False,
+    tokenizer: Any = None, progress: bool = True, trust_remote_code: bool = False, cluster: Any = None,
 ) -> Plan:
     """Find a per-layer plan that fits ``budget`` ("3.0bpw", "150KB", "0.25x"); compress nothing. Returns a Plan.
 
     ``search``: "uniform" | "greedy" | "evo"; ``levels``: a level spec (see :mod:`hiercomp.budget.levels`);
     ``out``: write the plan YAML there (and, with ``pictures``, allocation and quality-vs-size PNGs beside it).
     Apply the plan with ``compress(model, plan, calibration)``; calibration defaults are those of compress.
+    ``cluster``: a :class:`hiercomp.distributed.ClusterConfig` (e.g. ``ClusterConfig(workers=4)``, or
+    ``address="auto"``) scores the search on Ray workers; same seed, same plan as without it.
     """
     parse_budget(budget)
     loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
     tokens = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
     outcome = _search(loaded, budget, tokens, search=search, levels=levels, evo=evo, seed=seed,
-                      cache_dir=cache_dir, max_removed=max_removed, checkpoint=checkpoint, progress=progress)
+                      cache_dir=cache_dir, max_removed=max_removed, checkpoint=checkpoint, progress=progress,
+                      cluster=cluster)
     if out is not None:
         outcome.plan.save(out)
         if pictures:

@@ -10,7 +10,9 @@ winner is the next parent.
 caller; the toy tests pass an additive function, the real search KL to the original model
 (:class:`~hiercomp.budget.fitness.Fitness`). Everything random is drawn from one seeded ``random.Random`` whose
 state goes into the checkpoint after every generation, so an interrupted search resumed from its checkpoint
-ends with exactly the plan of an uninterrupted one.
+ends with exactly the plan of an uninterrupted one. With ``fitness_many`` (a whole selection stage at once, e.g.
+spread over Ray workers by :mod:`hiercomp.distributed`) the draws stay here, so the genomes, batches and plan are
+those of the one-by-one run.
 """
 
 from __future__ import annotations
@@ -105,8 +107,12 @@ def evolve(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     batch_tokens: Callable[[Any], int] = lambda batch: 0,
+    fitness_many: Callable[[list[Genome], Any], list[float]] | None = None,
 ) -> EvoResult:
-    """Run the (1+λ) search; resume from ``checkpoint`` when it holds a run with the same settings."""
+    """Run the (1+λ) search; resume from ``checkpoint`` when it holds a run with the same settings.
+
+    ``fitness_many(genomes, batch)``: the scores of several genomes on one batch, in order (the initial pool and
+    each selection stage go through it in one call); without it, ``fitness`` scores them one by one."""
     initial = [g for g in (initial or []) if space.fits(g)]
     fingerprint = config.fingerprint(space, initial)
     rng = random.Random(config.seed)
@@ -116,10 +122,12 @@ def evolve(
     started = time.perf_counter()
     spent_before = 0.0
 
-    def score(genome: Genome, batch: Any) -> float:
-        result.evaluations += 1
-        result.tokens_scored += batch_tokens(batch)
-        return float(fitness(genome, batch))
+    def score(genomes: list[Genome], batch: Any) -> list[float]:
+        result.evaluations += len(genomes)
+        result.tokens_scored += batch_tokens(batch) * len(genomes)
+        if fitness_many is not None:
+            return [float(v) for v in fitness_many(genomes, batch)]
+        return [float(fitness(genome, batch)) for genome in genomes]
 
     if path is not None and path.exists():
         state = _read_checkpoint(path)
@@ -147,7 +155,7 @@ def evolve(
         if not candidates:
             raise HiercompError("no starting plan fits the budget; raise the budget or add cheaper levels")
         batch = sample_batch(config.stages[0][1], rng)
-        scores = [score(g, batch) for g in candidates]
+        scores = score(candidates, batch)
         best = min(range(len(candidates)), key=lambda k: (scores[k], k))
         result.genome, result.fitness = candidates[best], scores[best]
         result.history.append({"generation": 0, "fitness": result.fitness, "tokens": config.stages[0][1],
@@ -169,7 +177,7 @@ def evolve(
             if last:
                 pool = pool + [result.genome]
             batch = sample_batch(tokens, rng)
-            scores = [score(g, batch) for g in pool]
+            scores = score(pool, batch)
             order = sorted(range(len(pool)), key=lambda k: (scores[k], k))
             keep = 1 if last else survivors
             pool_scores = [scores[k] for k in order[:keep]]

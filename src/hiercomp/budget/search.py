@@ -5,10 +5,16 @@
 3. each layer gets a *ladder*: the levels sorted by that layer's cost; removable sub-blocks become groups;
 4. the allocator (uniform, greedy or evo) picks rungs on the abstract space (space.py);
 5. the chosen genome becomes a :class:`~hiercomp.plan.Plan` with its exact cost and fitness history.
+
+Fitness evaluations that do not depend on each other (a selection stage, the single-layer table, the uniform
+levels) go through :meth:`SearchProblem.fitness_many`; with an executor from :mod:`hiercomp.distributed` they
+are spread over Ray workers, each holding its own :class:`Fitness` built once from the original model and the
+candidates (sent once through the object store). Same requests, same thread count: the same floats.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -28,6 +34,7 @@ from hiercomp.budget.levels import DEFAULT_LEVELS, Candidate, build_candidates, 
 from hiercomp.budget.space import Genome, Space
 from hiercomp.budget.uniform import uniform_allocate
 from hiercomp.depth import list_subblocks
+from hiercomp.distributed import ClusterConfig, Executor, Shared, executor_for
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import walk
 from hiercomp.plan import MethodConfig, Plan
@@ -51,6 +58,8 @@ class SearchProblem:
     calibration: torch.Tensor | None = None
     evaluations: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    executor: Executor | None = None  # where fitness_many runs; None = here, one by one
+    _shared: tuple[Executor, Shared] | None = field(default=None, repr=False)  # the workers' Fitness, per executor
 
     @classmethod
     def build(cls, layers: list[str], levels: list[MethodConfig], candidates: list[dict[str, Candidate]],
@@ -94,6 +103,24 @@ class SearchProblem:
         assignment, removed = self.assignment(genome)
         return self.fitness_fn(assignment, removed, batch)
 
+    def evaluate_many(self, requests: list[tuple[dict[str, int], frozenset[str]]], batch: TokenBatch) -> list[float]:
+        """``fitness_fn(assignment, removed, batch)`` for each request, in order: here, or on the executor's
+        workers (the fitness is a pure function of its arguments, so where it runs does not change it)."""
+        assert self.fitness_fn is not None
+        self.evaluations += len(requests)
+        if self.executor is None or type(self.executor) is Executor:
+            return [self.fitness_fn(assignment, removed, batch) for assignment, removed in requests]
+        if self._shared is None or self._shared[0] is not self.executor:
+            fn = self.fitness_fn
+            self._shared = (self.executor, self.executor.share(_worker_fitness, fn.original, fn.candidates, fn.encoder,
+                                                               fn.batch_size))
+        shared = self._shared[1]
+        # The batch rides with the function (sent once per call), each request is a few hundred bytes.
+        return self.executor.map(functools.partial(_score_on_worker, shared, batch), requests)
+
+    def fitness_many(self, genomes: list[Genome], batch: TokenBatch) -> list[float]:
+        return self.evaluate_many([self.assignment(g) for g in genomes], batch)
+
     def sample_batch(self, n_tokens: int, rng: random.Random) -> TokenBatch:
         """A fresh random subset of whole calibration sequences holding at least ``n_tokens`` tokens."""
         assert self.calibration is not None
@@ -121,6 +148,16 @@ class SearchProblem:
                          "removed": (name + ".").startswith(gone), "rel_error": cand.rel_output_error,
                          "level": self.levels[assignment[name]].label})
         return rows
+
+
+def _worker_fitness(original: nn.Module, candidates: list[dict[str, Candidate]], encoder: bool,
+                    batch_size: int) -> Fitness:
+    return Fitness(original, candidates, encoder=encoder, batch_size=batch_size)
+
+
+def _score_on_worker(shared: Shared, batch: TokenBatch, request: tuple[dict[str, int], frozenset[str]]) -> float:
+    assignment, removed = request
+    return shared.get()(assignment, removed, batch)
 
 
 def impossible_message(problem: SearchProblem, budget: Budget) -> str:
@@ -164,13 +201,16 @@ def single_layer_table(problem: SearchProblem, batch: TokenBatch, progress: bool
 
     tables = problem.notes.setdefault("single", {})
     if batch.indices not in tables:
-        table = []
-        for i in tqdm(range(problem.space.n_layers), desc="single-layer sensitivity", unit="layer",
-                      disable=not progress):
-            row = [problem.fitness_fn(problem.single_layer(i, r), frozenset(), batch)  # type: ignore[misc]
-                   for r in range(problem.space.top(i) + 1)]
-            problem.evaluations += len(row)
-            table.append(row)
+        if problem.executor is None or type(problem.executor) is Executor:
+            table = []
+            for i in tqdm(range(problem.space.n_layers), desc="single-layer sensitivity", unit="layer",
+                          disable=not progress):
+                table.append(problem.evaluate_many([(problem.single_layer(i, r), frozenset())
+                                                    for r in range(problem.space.top(i) + 1)], batch))
+        else:  # every (layer, rung) at once, so all workers stay busy
+            cells = [(i, r) for i in range(problem.space.n_layers) for r in range(problem.space.top(i) + 1)]
+            values = iter(problem.evaluate_many([(problem.single_layer(i, r), frozenset()) for i, r in cells], batch))
+            table = [[next(values) for _ in range(problem.space.top(i) + 1)] for i in range(problem.space.n_layers)]
         tables[batch.indices] = table
     return tables[batch.indices]
 
@@ -182,9 +222,7 @@ def removal_damages(problem: SearchProblem, batch: TokenBatch) -> list[float] | 
         return None
     tables = problem.notes.setdefault("removal", {})
     if batch.indices not in tables:
-        tables[batch.indices] = [problem.fitness_fn({}, frozenset({name}), batch)  # type: ignore[misc]
-                                 for name in problem.groups]
-        problem.evaluations += len(problem.groups)
+        tables[batch.indices] = problem.evaluate_many([({}, frozenset({name})) for name in problem.groups], batch)
     return tables[batch.indices]
 
 
@@ -208,7 +246,8 @@ def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: E
     batch = problem.sample_batch(final_tokens, rng)
     metric = "cosine_distance" if problem.fitness_fn is not None and problem.fitness_fn.encoder else "kl"
     uniform = [(problem.levels[k].label, problem.uniform_genome(k)) for k in range(len(problem.levels))]
-    best_uniform, points = uniform_allocate(problem.space, uniform, problem.fitness, batch)
+    fitting = iter(problem.fitness_many([g for _, g in uniform if problem.space.fits(g)], batch))
+    best_uniform, points = uniform_allocate(problem.space, uniform, lambda g, b: next(fitting), batch)
     extra: dict[str, Any] = {"uniform_points": points}
     history: list[list[float]] = []
     if search == "uniform":
@@ -232,14 +271,14 @@ def run_allocator(problem: SearchProblem, budget: Budget, search: str, *, evo: E
             if found is not None and found not in initial:
                 initial.append(found)
         result = evolve(problem.space, problem.fitness, problem.sample_batch, evo, initial, checkpoint, progress,
-                        batch_tokens=lambda b: b.n_tokens)
+                        batch_tokens=lambda b: b.n_tokens, fitness_many=problem.fitness_many)
         genome, tokens = result.genome, evo.stages[-1][1]
-        value = problem.fitness(genome, batch)  # on the same batch as uniform/greedy, for a fair comparison
-        # Each generation is selected on a small fresh batch, so the final parent can score worse on this batch
-        # than a plan the walk started from (search.md saw it on MiniLM); never return worse than a start.
+        # On the same batch as uniform/greedy, for a fair comparison. Each generation is selected on a small fresh
+        # batch, so the final parent can score worse on this batch than a plan the walk started from (search.md
+        # saw it on MiniLM); never return worse than a start.
+        value, *start_values = problem.fitness_many([genome, *initial], batch)
         kept_start = False
-        for start_genome in initial:
-            start_value = problem.fitness(start_genome, batch)
+        for start_genome, start_value in zip(initial, start_values):
             if start_value < value:
                 genome, value, kept_start = start_genome, start_value, True
         history = [[row["generation"], row["fitness"]] for row in result.history]
@@ -277,18 +316,26 @@ def search(
     cache_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    cluster: ClusterConfig | None = None,
 ) -> SearchOutcome:
     """Find a plan for a loaded model (:class:`hiercomp.io.hf.LoadedModel`) that fits ``budget``; nothing is
     compressed. ``calibration``: (N, L) tokens; the same tokens build the candidates and score the search.
     ``levels``: a level spec (see :mod:`hiercomp.budget.levels`; ``;remove`` lets the search drop up to
     ``max_removed`` attention/MLP sub-blocks). :func:`hiercomp.search` is the user's entry (it loads, reads the
-    calibration text and writes the plan and pictures).
+    calibration text and writes the plan and pictures). ``cluster``: score on Ray workers
+    (:class:`hiercomp.distributed.ClusterConfig`), started after the candidates are built and stopped at the end.
     """
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     level_list, allow_remove = parse_levels(levels) if isinstance(levels, str) else (list(levels), False)
     problem = prepare_problem(loaded.model, budget, level_list, calibration, encoder=loaded.is_encoder,
                               allow_remove=allow_remove, max_removed=max_removed, cache_dir=cache_dir,
                               progress=progress)
-    plan, genome, extra = run_allocator(problem, budget, search, evo=evo, checkpoint=checkpoint,
-                                        model_name=loaded.source, progress=progress)
+    with executor_for(cluster) as executor:
+        problem.executor = executor
+        try:
+            plan, genome, extra = run_allocator(problem, budget, search, evo=evo, checkpoint=checkpoint,
+                                                model_name=loaded.source, progress=progress)
+        finally:
+            problem.executor, problem._shared = None, None  # the workers are gone after this block
+    extra["executor"] = executor.describe()
     return SearchOutcome(plan, problem, genome, extra)

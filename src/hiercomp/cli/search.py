@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hiercomp.cli._common import CONTEXT
+from hiercomp.cli._common import CONTEXT, cluster_config, cluster_options
 
 
 @click.command("search", context_settings=CONTEXT)
@@ -37,11 +37,12 @@ from hiercomp.cli._common import CONTEXT
 @click.option("--no-pictures", is_flag=True, help="Do not draw the allocation and quality-vs-size PNGs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for calibration sampling and the search.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@cluster_options("the fitness evaluations")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def search_cmd(model: str, budget: str, search_kind: str, levels: str | None, calib: str, calib_field: str,
                calib_n: int, calib_len: int | None, out: str, generations: int, offspring: int, max_removed: int,
                checkpoint: str | None, cache_dir: str | None, no_pictures: bool, seed: int, trust_remote_code: bool,
-               quiet: bool) -> None:
+               workers: int | None, ray_address: str | None, worker_threads: int | None, quiet: bool) -> None:
     """Find where to spend a size budget: write a per-layer plan (YAML) for MODEL, without compressing it.
 
     Apply it with `hiercomp compress MODEL --plan PLAN --calib ... --out DIR`.
@@ -54,11 +55,13 @@ def search_cmd(model: str, budget: str, search_kind: str, levels: str | None, ca
 
     parse_budget(budget)  # bad input fails before the model loads
     parse_levels(levels or DEFAULT_LEVELS)
+    cluster = cluster_config(workers, ray_address, worker_threads)
     plan = run_search(model, budget, CalibrationConfig(calib, calib_n, calib_len, seed, calib_field),
                       search=search_kind, levels=levels, evo=EvoConfig(generations=generations, offspring=offspring,
                                                                         seed=seed),
                       max_removed=max_removed, cache_dir=cache_dir, checkpoint=checkpoint, out=out,
-                      pictures=not no_pictures, progress=not quiet, trust_remote_code=trust_remote_code)
+                      pictures=not no_pictures, progress=not quiet, trust_remote_code=trust_remote_code,
+                      cluster=cluster)
     removed = f", removed {', '.join(plan.removed)}" if plan.removed else ""
     click.echo(f"wrote {out}: {plan.cost['bits_per_weight']:.4f} bits per weight, {plan.cost['size_bytes']:.0f} "
                f"bytes saved size, {plan.fitness['metric']} {plan.fitness['value']:.5f} on "

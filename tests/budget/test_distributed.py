@@ -1,0 +1,133 @@
+"""Fan-out on Ray (#15 part 3): a search on a local 2-worker cluster gives exactly the plan of the
+single-process run; bad cluster input is one line; the package works without Ray installed."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiercomp.budget.evo import EvoConfig, evolve
+from hiercomp.budget.space import Space
+from hiercomp.distributed import ClusterConfig, Executor, RayExecutor, executor_for
+from hiercomp.errors import HiercompError
+from tests.conftest import STORIES, TINYSTORIES, needs_shared
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the driver's 1 thread is what each worker copies
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-CPU Ray cluster for the module (starting one costs ~5 s); the executors join it."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hiercomp[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+# -- without a cluster ------------------------------------------------------------------------------------
+
+
+def test_evolve_scores_a_stage_at_once_with_the_same_result() -> None:
+    """fitness_many gets whole stages (more than one genome) and the search ends where one-by-one scoring does."""
+    rng = random.Random(3)
+    costs = tuple(tuple(sorted(rng.sample(range(1, 40), 4))) for _ in range(12))
+    space = Space(costs, sum(c[1] for c in costs), (), 0)
+    errors = [[rng.random() / (k + 1) for k in range(4)] for _ in costs]
+
+    def fitness(genome, batch) -> float:
+        return sum(errors[i][r] for i, r in enumerate(genome.rungs)) + batch
+
+    calls: list[int] = []
+
+    def many(genomes, batch) -> list[float]:
+        calls.append(len(genomes))
+        return [fitness(g, batch) for g in genomes]
+
+    config = EvoConfig(generations=8, offspring=6, stages=((3, 1), (1, 2)), seed=5)
+    sample = lambda n, r: r.random() * 1e-3  # noqa: E731
+    one = evolve(space, fitness, sample, config, progress=False)
+    stage = evolve(space, fitness, sample, config, progress=False, fitness_many=many)
+    assert (stage.genome, stage.fitness, stage.history, stage.evaluations) == \
+        (one.genome, one.fitness, one.history, one.evaluations)
+    assert calls[1:3] == [6, 4] and sum(calls) == one.evaluations  # a stage of 6 children, then 3 survivors + parent
+
+
+def test_bad_cluster_input_is_one_line() -> None:
+    for bad, match in (({"workers": 0}, "at least 1"), ({"workers": -2}, "at least 1"),
+                       ({"threads": 0, "workers": 1}, "worker-threads"), ({"address": " "}, "empty")):
+        with pytest.raises(HiercompError, match=match):
+            ClusterConfig(**bad)
+    assert not ClusterConfig().distributed and ClusterConfig(workers=1).distributed
+    with executor_for(None) as executor:  # no cluster asked: a loop here
+        assert type(executor) is Executor and executor.map(lambda x: x * 2, [1, 2]) == [2, 4]
+
+
+def test_cli_refuses_bad_cluster_options_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hiercomp.cli import main
+
+    assert main(["search", "no/such/model", "--budget", "3bpw", "--calib", "x", "--out", str(tmp_path / "p.yaml"),
+                 "--workers", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "--workers must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "no/such/model", "--worker-threads", "2"]) != 0
+    assert "--worker-threads needs --workers" in capsys.readouterr().err
+
+
+def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(HiercompError, match=r"pip install 'hiercomp\[ray\]'"):
+        RayExecutor(ClusterConfig(workers=2))
+
+
+def test_unreachable_address_fails_fast() -> None:
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(HiercompError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        RayExecutor(ClusterConfig(address=f"127.0.0.1:{port}"))
+    with pytest.raises(HiercompError, match="is not 'auto', HOST:PORT"):
+        RayExecutor(ClusterConfig(address="nowhere"))
+
+
+# -- on a local 2-worker cluster --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calib_8x128() -> torch.Tensor:
+    if not STORIES.is_dir():
+        pytest.skip("../shared/data is absent")
+    from transformers import AutoTokenizer
+
+    from hiercomp.calibration import CalibrationConfig, load_calibration
+
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    return load_calibration(tok, CalibrationConfig(str(TINYSTORIES), 8, 128, 0))
+
+
+@needs_shared
+def test_search_on_two_workers_gives_the_serial_plan(ray_cluster, calib_8x128: torch.Tensor, tmp_path: Path) -> None:
+    """uniform + greedy table + removal damages + 3 generations: every fitness value, the history and the plan are
+    the single-process run's, bit for bit, with the evaluations spread over both workers."""
+    from hiercomp.budget.search import search
+    from hiercomp.io.hf import load_hf_model
+
+    loaded = load_hf_model(str(STORIES))
+    kwargs = dict(calibration=calib_8x128, levels="gptq:bits=2,3:group_size=128;rtn:bits=4:group_size=128;remove",
+                  max_removed=1, evo=EvoConfig(generations=3, offspring=4, stages=((2, 512), (1, 1024)), seed=0),
+                  cache_dir=tmp_path / "cache", progress=False)
+    serial = search(loaded, "3.0bpw", **kwargs)
+    fanned = search(loaded, "3.0bpw", cluster=ClusterConfig(workers=2), **kwargs)
+    assert fanned.extra["executor"] == "2 Ray workers x 1 torch threads"
+    assert serial.extra["executor"] == "this process"
+    a, b = serial.plan, fanned.plan
+    assert (a.layers, a.removed, a.cost, a.history) == (b.layers, b.removed, b.cost, b.history)
+    assert a.fitness["value"] == b.fitness["value"] and 0.5 < a.fitness["value"] < 2.0
+    assert a.fitness["evaluations"] == b.fitness["evaluations"] == 150
+    assert [p.fitness for p in serial.extra["uniform_points"]] == [p.fitness for p in fanned.extra["uniform_points"]]
