@@ -33,6 +33,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable --ray-address fails this fast instead of Ray's minutes of retries
+PIPELINE = 2  # items in flight per worker
+START_TIMEOUT_S = 300.0  # workers that cannot be placed (too few CPUs or memory on the cluster) fail after this
 
 
 @dataclass(frozen=True)
@@ -163,23 +165,34 @@ class RayExecutor(Executor):
             def __init__(self) -> None:
                 torch.set_num_threads(threads)  # the driver's count: the same float reductions as a serial run
 
+            def ready(self) -> bool:
+                return True
+
             def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
                 return fn(item)
 
         self._ray = ray
         self._actors = [_Worker.remote() for _ in range(self.workers)]
+        # Wait until every worker process runs: a start-up failure surfaces here, not as a hang in the first map.
+        ready = [actor.ready.remote() for actor in self._actors]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=START_TIMEOUT_S)
+        if len(done) < len(ready):
+            self.close()
+            raise HiercompError(f"Ray started {len(done)} of {self.workers} workers in {START_TIMEOUT_S:.0f} s; "
+                                "the cluster lacks CPUs or memory for them: lower --workers")
 
     def share(self, build: Callable[..., Any], *args: Any) -> Shared:
         return Shared(build, args, self._ray.put(args))
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """Each idle actor takes the next item; results come back in the items' order."""
+        """Each actor holds up to PIPELINE items (the next one is queued on it while it computes, so it never waits
+        for this process to hand it work); results come back in the items' order whichever finishes first."""
         ray = self._ray
         fn_ref = ray.put(fn)
         results: list[Any] = [None] * len(items)
         pending: dict[Any, tuple[int, Any]] = {}
         queue = list(enumerate(items))[::-1]
-        idle = list(self._actors)
+        idle = [actor for _ in range(PIPELINE) for actor in self._actors]
         try:
             while queue or pending:
                 while idle and queue:
