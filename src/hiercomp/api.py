@@ -295,6 +295,8 @@ def search(
     ``address="auto"``) scores the search on Ray workers; same seed, same plan as without it.
     """
     parse_budget(budget)
+    if cluster is not None:
+        cluster.preflight()  # a missing Ray or a dead address fails before the model loads
     loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
     tokens = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
     outcome = _search(loaded, budget, tokens, search=search, levels=levels, evo=evo, seed=seed,

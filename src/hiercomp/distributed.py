@@ -19,6 +19,7 @@ Ray is imported only here and only when a cluster is asked for; without it the e
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +59,13 @@ class ClusterConfig:
     @property
     def distributed(self) -> bool:
         return self.workers is not None or self.address is not None
+
+    def preflight(self) -> None:
+        """Fail now, before a model loads or candidates are built, when Ray is missing or the address is dead."""
+        if self.distributed:
+            _require_ray()
+            if self.address is not None:
+                _check_reachable(self.address)
 
 
 class Shared:
@@ -148,6 +156,10 @@ class RayExecutor(Executor):
                     raise HiercompError(f"cannot join the Ray cluster at {config.address}: "
                                         f"{str(err).splitlines()[0]}") from None
             else:
+                # Ray lowers its workers' priority by 15 nice levels by default; on a shared machine that hands
+                # their cores to every other process, and the work that ran at this process's priority in a run
+                # without workers would now wait. Keep this process's priority (RAY_worker_niceness overrides).
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 # Logical CPUs: one worker = `threads` CPUs, so Ray places exactly `workers` actors.
                 ray.init(num_cpus=config.workers * self.threads, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)

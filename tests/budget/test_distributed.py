@@ -82,6 +82,9 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(HiercompError, match=r"pip install 'hiercomp\[ray\]'"):
         RayExecutor(ClusterConfig(workers=2))
+    with pytest.raises(HiercompError, match=r"hiercomp\[ray\]"):  # the CLI's and search()'s check, before loading
+        ClusterConfig(workers=2).preflight()
+    ClusterConfig().preflight()  # no cluster asked: nothing to check
 
 
 def test_unreachable_address_fails_fast() -> None:
@@ -93,6 +96,8 @@ def test_unreachable_address_fails_fast() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(HiercompError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
         RayExecutor(ClusterConfig(address=f"127.0.0.1:{port}"))
+    with pytest.raises(HiercompError, match="no Ray cluster answers"):
+        ClusterConfig(address=f"ray://127.0.0.1:{port}").preflight()
     with pytest.raises(HiercompError, match="is not 'auto', HOST:PORT"):
         RayExecutor(ClusterConfig(address="nowhere"))
 

@@ -326,6 +326,8 @@ def search(
     (:class:`hiercomp.distributed.ClusterConfig`), started after the candidates are built and stopped at the end.
     """
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    if cluster is not None:
+        cluster.preflight()  # before the candidates are built
     level_list, allow_remove = parse_levels(levels) if isinstance(levels, str) else (list(levels), False)
     problem = prepare_problem(loaded.model, budget, level_list, calibration, encoder=loaded.is_encoder,
                               allow_remove=allow_remove, max_removed=max_removed, cache_dir=cache_dir,

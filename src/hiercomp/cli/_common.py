@@ -58,4 +58,6 @@ def cluster_config(workers: int | None, ray_address: str | None, worker_threads:
         return None
     from hiercomp.distributed import ClusterConfig
 
-    return ClusterConfig(workers=workers, address=ray_address, threads=worker_threads)
+    config = ClusterConfig(workers=workers, address=ray_address, threads=worker_threads)
+    config.preflight()
+    return config
