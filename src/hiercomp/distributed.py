@@ -153,8 +153,15 @@ class RayExecutor(Executor):
                     ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                              configure_logging=False)
                 except (ConnectionError, RuntimeError, ValueError) as err:
-                    raise HiercompError(f"cannot join the Ray cluster at {config.address}: "
-                                        f"{str(err).splitlines()[0]}") from None
+                    # Ray's own reason is deep in the cause; its message is "failed to connect"
+                    chain, link = [], err
+                    while link is not None and len(chain) < 8:
+                        chain.append(str(link))
+                        link = link.__cause__ or link.__context__
+                    wants_token = "authentication token" in " ".join(chain).lower()
+                    reason = ("it wants its auth token (RAY_AUTH_MODE=token with ~/.ray/auth_token or RAY_AUTH_TOKEN, "
+                              "as on the head node)" if wants_token else str(err).splitlines()[0])
+                    raise HiercompError(f"cannot join the Ray cluster at {config.address}: {reason}") from None
             else:
                 # Ray lowers its workers' priority by 15 nice levels by default; on a shared machine that hands
                 # their cores to every other process, and the work that ran at this process's priority in a run
