@@ -144,8 +144,8 @@ class RayExecutor(Executor):
 
     def __init__(self, config: ClusterConfig) -> None:
         ray = _require_ray()
+        self._ray, self._actors, self._started = ray, [], False
         self.threads = config.threads or torch.get_num_threads()
-        self._started = False
         if not ray.is_initialized():
             if config.address is not None:
                 _check_reachable(config.address)
@@ -190,7 +190,6 @@ class RayExecutor(Executor):
             def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
                 return fn(item)
 
-        self._ray = ray
         self._actors = [_Worker.remote() for _ in range(self.workers)]
         # Wait until every worker process runs: a start-up failure surfaces here, not as a hang in the first map.
         ready = [actor.ready.remote() for actor in self._actors]
@@ -233,7 +232,7 @@ class RayExecutor(Executor):
         return results
 
     def close(self) -> None:
-        for actor in getattr(self, "_actors", []):
+        for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
         if self._started:

@@ -117,6 +117,14 @@ def calib_8x128() -> torch.Tensor:
     return load_calibration(tok, CalibrationConfig(str(TINYSTORIES), 8, 128, 0))
 
 
+def test_more_workers_than_the_cluster_holds_is_one_line(ray_cluster) -> None:
+    with pytest.raises(HiercompError, match="has 2 CPUs, fewer than --workers 3 x 1"):
+        RayExecutor(ClusterConfig(workers=3, threads=1))
+    assert ray_cluster.is_initialized()  # a cluster it joined is left running
+    with executor_for(ClusterConfig(workers=2, threads=1)) as executor:
+        assert executor.workers == 2 and executor.map(abs, [-3, 1, -2, 5, -7]) == [3, 1, 2, 5, 7]
+
+
 @needs_shared
 def test_search_on_two_workers_gives_the_serial_plan(ray_cluster, calib_8x128: torch.Tensor, tmp_path: Path) -> None:
     """uniform + greedy table + removal damages + 3 generations: every fitness value, the history and the plan are
