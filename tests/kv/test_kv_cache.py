@@ -66,6 +66,24 @@ def test_eviction_keeps_exactly_the_budget_per_head(gqa_llama):
         assert cache.get_seq_length() == 90
 
 
+def test_a_prompt_too_short_for_a_ratio_keeps_sink_and_window(gqa_llama):
+    """snapkv:ratio=0.75 on a 40-token prompt would keep 10 tokens, below the 32 it always protects (sink +
+    observation window): the cache keeps those 32 and counts the short prefill instead of failing the evaluation."""
+    cache = make_cache(gqa_llama, "snapkv:ratio=0.75")
+    protected = cache.evictor.protected()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        gqa_llama(ids, **adapter.cache_kwargs(cache))
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == protected < 40
+        assert layer.short_prefills == 1
+    long_cache = make_cache(gqa_llama, "snapkv:ratio=0.75")
+    with torch.no_grad():
+        gqa_llama(torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(5)),
+                  **adapter.cache_kwargs(long_cache))
+    assert all(layer.keys.shape[2] == 100 and layer.short_prefills == 0 for layer in long_cache.layers)
+
+
 def test_physical_eviction_equals_masking_the_evicted_keys(gqa_llama):
     """StreamingLLM drops tokens 4..19 of 40; a 5-token chunk then must see what a full cache with those keys
     masked sees (the positions and mask recipe of methods/KV_CONTEXT.md §0)."""

@@ -49,6 +49,7 @@ class KVLayer(adapter.CacheLayerMixin):
         self.n_layers, self.layer_idx = n_layers, layer_idx
         self.logical = 0
         self.n_keep: int | None = None
+        self.short_prefills = 0  # prefills too short for the budget: sink + window kept instead (see below)
         self.encoded: dict[str, torch.Tensor] | None = None
         self.n_encoded = 0
         self.state: dict[str, torch.Tensor] = {}
@@ -223,8 +224,12 @@ class KVLayer(adapter.CacheLayerMixin):
             keep = evictor.budget.keep_tokens(full_k.shape[2],
                                               lambda n: self.n_layers * self.bytes_for_tokens(n))
             if keep < evictor.protected():
-                raise HiercompError(f"{evictor.name}: the budget keeps {keep} tokens, below the "
-                                    f"{evictor.protected()} sink + window tokens it always keeps; raise the budget")
+                # A ratio (or byte) budget on a prompt shorter than sink + window would keep fewer tokens than
+                # the method always protects: keep those instead (the prompt is compressed less than asked; the
+                # bytes held say by how much) rather than fail a whole evaluation on one short question. Token
+                # budgets below sink + window are refused when the spec is parsed.
+                keep = evictor.protected()
+                self.short_prefills += 1
             self.n_keep = keep
         physical = full_k.shape[2]
         # a composed cache evicts once per encoder chunk during decode, so re-encoding is amortised
