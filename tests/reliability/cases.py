@@ -473,6 +473,17 @@ def _kl_other_vocab(env: dict[str, Path], case: Path) -> list[str]:
             "--max-windows", "1", "--seq-len", "32", "--quiet"]
 
 
+def _stream_without_safetensors(env: dict[str, Path], case: Path) -> list[str]:
+    model = model_copy(env, case)
+    (model / "model.safetensors").unlink()
+    return rtn(model, case, "--stream")
+
+
+def _search_args(env: dict[str, Path], case: Path, *extra: str) -> list[str]:
+    return ["search", str(env["stories"]), "--budget", "3.0bpw", "--out", str(case / "plan.yaml"), "--calib",
+            str(env["text"]), "--quiet", *extra]
+
+
 PY_TAG = "rules:\n  - method: !!python/object/apply:os.system ['echo pwned']\n"
 
 CASES: list[Case] = [
@@ -603,6 +614,15 @@ CASES: list[Case] = [
          kind="fault", fault=ctrl_c_during_save),
     Case("fault: stale .tmp folders of a killed run", _stale_tmp, "saved", code=0, kind="fault"),
     Case("eval: --kl-against a model with another vocabulary", _kl_other_vocab, "vocabular"),
+    # -- compress --stream and the Ray options
+    Case("stream: --stream with --budget", lambda env, case: compress_args(env["stories"], case / "out", "--stream",
+                                                                            "--budget", "3.0bpw"), "drop --stream"),
+    Case("stream: --stream with --resume", lambda env, case: rtn(env["stories"], case, "--stream", "--resume"),
+         "does not combine with --stream"),
+    Case("stream: a model folder without safetensors", _stream_without_safetensors, "no safetensors weights"),
+    Case("search: --workers 0", lambda env, case: _search_args(env, case, "--workers", "0"), "at least 1"),
+    Case("search: --ray-address not an address", lambda env, case: _search_args(env, case, "--ray-address", "nowhere"),
+         "is not 'auto', host:port"),
 ]
 
 
