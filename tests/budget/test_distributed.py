@@ -105,18 +105,6 @@ def test_unreachable_address_fails_fast() -> None:
 # -- on a local 2-worker cluster --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def calib_8x128() -> torch.Tensor:
-    if not STORIES.is_dir():
-        pytest.skip("../shared/data is absent")
-    from transformers import AutoTokenizer
-
-    from hiercomp.calibration import CalibrationConfig, load_calibration
-
-    tok = AutoTokenizer.from_pretrained(str(STORIES))
-    return load_calibration(tok, CalibrationConfig(str(TINYSTORIES), 8, 128, 0))
-
-
 def test_more_workers_than_the_cluster_holds_is_one_line(ray_cluster) -> None:
     with pytest.raises(HiercompError, match="has 2 CPUs, fewer than --workers 3 x 1"):
         RayExecutor(ClusterConfig(workers=3, threads=1))

@@ -249,18 +249,6 @@ def test_plan_round_trip(tmp_path: Path) -> None:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def calib_8x128() -> torch.Tensor:
-    if not STORIES.is_dir():
-        pytest.skip("../shared/data is absent")
-    from transformers import AutoTokenizer
-
-    from hiercomp.calibration import CalibrationConfig, load_calibration
-
-    tok = AutoTokenizer.from_pretrained(str(STORIES))
-    return load_calibration(tok, CalibrationConfig(str(TINYSTORIES), 8, 128, 0))
-
-
 LEVELS = "gptq:bits=2,3:group_size=32,128;rtn:bits=4,8:group_size=128"
 
 
