@@ -42,7 +42,7 @@ def main() -> None:
     import hiercomp
     from hiercomp.calibration import CalibrationConfig, load_calibration
     from hiercomp.evaluation import evaluate
-    from hiercomp.hierarchy import compressed_layers, set_module
+    from hiercomp.hierarchy import dequantize_layers
     from hiercomp.io.builtin import smollm2_dir
     from hiercomp.io.hf import load_hf_model
 
@@ -57,8 +57,7 @@ def main() -> None:
     for method, params in CONFIGS:
         cm = hiercomp.compress(path, hiercomp.Recipe.single(method, **params), calibration, progress=False)
         bpw = cm.bits_per_weight
-        for layer_name, layer in compressed_layers(cm.model).items():  # exact dense weights: the same function
-            set_module(cm.model, layer_name, layer.to_linear())
+        dequantize_layers(cm.model)  # exact dense weights: the same function, faster
         r = evaluate(cm, reference=path, reference_scores=reference, **options)
         rows.append({"config": f"{method} {params['bits']}-bit g{params['group_size']}", "bpw": bpw,
                      "ppl": r["perplexity"], **{t: r["tasks"][t] for t in TASKS}, "probes": r.get("probes", {}),

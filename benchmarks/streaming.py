@@ -16,7 +16,6 @@ packed block) — times SLACK for the allocator's fragmentation and torch's temp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -102,6 +101,7 @@ def worker(kind: str, folder: str, method: str, out: str) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401  (the model class's code, as every run imports it)
 
     import hiercomp
+    from hiercomp.io.integrity import file_digest
     from hiercomp.recipe import Recipe
 
     torch.set_num_threads(2)
@@ -113,11 +113,7 @@ def worker(kind: str, folder: str, method: str, out: str) -> dict:
         hiercomp.compress(folder, recipe, calib if method == "gptq" else None, out=out, progress=False,
                           stream=kind == "stream")
         row["out_bytes"] = (Path(out) / "model.safetensors").stat().st_size
-        digest = hashlib.sha256()  # in chunks: reading the file whole would add its size to the peak
-        with open(Path(out) / "model.safetensors", "rb") as f:
-            while chunk := f.read(16 * MB):
-                digest.update(chunk)
-        row["sha256"] = digest.hexdigest()
+        row["sha256"] = file_digest(Path(out) / "model.safetensors")["sha256"]  # chunked: not added to the peak
     elif kind == "load":
         cm = hiercomp.load(out, runtime="fast")
         row["load_peak_mb"] = peak_mb()

@@ -22,7 +22,7 @@ from hiercomp.depth import apply_removals
 from hiercomp.depth.plan import choose_drops
 from hiercomp.engine import compress_model
 from hiercomp.errors import HiercompError
-from hiercomp.hierarchy import compressed_layers, set_module, walk
+from hiercomp.hierarchy import compressed_layers, dequantize_layers, walk
 from hiercomp.io.atomic import atomic_dir, check_output_dir
 from hiercomp.io.hf import LoadedModel, as_loaded, is_compressed_dir, load_hf_model
 from hiercomp.io.resume import resume_folder
@@ -330,8 +330,7 @@ def saved_size_bytes(path: str | Path) -> dict[str, int]:
 def export_dense(path: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a plain Hugging Face folder with dequantized weights that ``from_pretrained`` loads."""
     cm = load(path)
-    for name, layer in compressed_layers(cm.model).items():
-        set_module(cm.model, name, layer.to_linear())
+    dequantize_layers(cm.model)
     with atomic_dir(out, force) as tmp:
         cm.model.save_pretrained(tmp)
         if cm.tokenizer is not None:

@@ -158,3 +158,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def dequantize_layers(model: nn.Module) -> None:
+    """Replace every compressed layer by an ``nn.Linear`` holding its exact dequantized weight, in place: the
+    function the packed reference path computes, without dequantizing at every forward (exports, fast evaluation
+    of many variants)."""
+    for name, layer in compressed_layers(model).items():
+        set_module(model, name, layer.to_linear())
