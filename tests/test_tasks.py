@@ -315,6 +315,29 @@ def test_stories260k_runs_shipped_tasks_via_env(monkeypatch):
 
 
 @needs_shared
+def test_open_book_prompt_splits_after_the_passage_into_the_same_tokens():
+    """squad's examples know where the passage ends; split there, the prompt is the same tokens, the passage's
+    first, and a full cache read in two forwards answers exactly as in one."""
+    from hiercomp.io.hf import load_hf_model
+    from hiercomp.tasks.generation import split_tokens
+
+    examples = load_examples(resolve_spec("squad"), TASK_DATA, limit=3)
+    rows = [json.loads(line) for line in (TASK_DATA / "squad_validation_olmes1000.jsonl").open() if line.strip()][:3]
+    assert all(e.context[: e.question_at].endswith(r["context"]) and e.context[e.question_at:].startswith("\nQuestion:")
+               for e, r in zip(examples, rows))
+    assert all(e.question_at is None for e in load_examples(resolve_spec("squad_closed_book"), TASK_DATA, limit=2))
+    loaded = load_hf_model(STORIES)
+    for example in examples:
+        ids, before = split_tokens(loaded.tokenizer, example.context, example.question_at)
+        assert ids == list(loaded.tokenizer(example.context)["input_ids"]) and 0 < before < len(ids)
+        assert loaded.tokenizer.decode(ids[before:]).lstrip().startswith("Question")
+        whole = greedy_generate(loaded.model, loaded.tokenizer, example.context, 16, ["\n"], None)
+        split = greedy_generate(loaded.model, loaded.tokenizer, example.context, 16, ["\n"], None,
+                                split_at=example.question_at)
+        assert split == whole
+
+
+@needs_shared
 def test_cli_eval_tasks_json_with_verdicts(tmp_path):
     from hiercomp.cli import main
 

@@ -146,9 +146,11 @@ def evaluate(
     ``perplexity_full_cache`` the same weights' with the full cache, and KL / top-1 compare with the
     ``reference`` (weights and KV together) or, without one, with the full cache (the KV cache's own damage).
     ``kv_bytes`` is what the cache held after the prefix (measured), beside ``kv_full_bytes`` (16-bit full
-    cache). Tasks run through a fresh cache per question: the whole prompt (passage and question alike) is
-    prefilled into it and the answer decoded, or the choices scored, through it (``kv_tasks``: bytes per question
-    at its end); the reference keeps its full cache.
+    cache). Tasks run through a fresh cache per question (``kv_tasks``: bytes per question at its end); the
+    reference keeps its full cache. Open-book generation tasks (a ``{context}`` passage in the template, such as
+    squad) are read as kvpress evaluates them, question-agnostic: the passage is prefilled and compressed first,
+    then the question is fed through the compressed cache and the answer decoded; other tasks prefill the whole
+    prompt, then decode or score the choices through the cache.
 
     ``context`` (``"tokens:budget=0.25x"``, :func:`hiercomp.context.tasks.parse_context_option`): each task
     passage is compressed before the model reads it (zero-shot generation tasks with a passage, such as squad);
@@ -292,7 +294,8 @@ def _causal_tasks(result: dict[str, Any], cm: CompressedModel, ref: CompressedMo
 
             maker = CacheMaker(cm.model, kv)
             model = ThroughCache(cm.model, maker)
-        result["tasks"] = run_tasks(model, cm.tokenizer, tasks, progress=run.progress, label=run.name)
+        result["tasks"] = run_tasks(model, cm.tokenizer, tasks, progress=run.progress, label=run.name,
+                                    question_after_passage=kv is not None)
         if kv is not None:
             result["kv_tasks"] = maker.summary()
     if ref is not None:

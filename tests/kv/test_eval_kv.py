@@ -64,7 +64,9 @@ def test_tasks_decode_through_a_fresh_cache_per_question() -> None:
                 assert exact["tasks"][task][metric] == pytest.approx(value)
     assert exact["kv_tasks"]["kv_sequences"] == 4 and exact["kv_tasks"]["kv_factor"] == 1.0
     evicted = evaluate(str(STORIES), tasks=["squad"], kv="snapkv:ratio=0.5", **common)
-    assert evicted["kv_tasks"]["kv_sequences"] == 2 and 1.7 < evicted["kv_tasks"]["kv_factor"] < 2.05
+    # question-agnostic (kvpress's protocol): the passage is halved before the question is read, and the question
+    # and answer tokens are then held in full, so the cache at the end is less than 2x smaller
+    assert evicted["kv_tasks"]["kv_sequences"] == 2 and 1.5 < evicted["kv_tasks"]["kv_factor"] < 1.98
 
 
 def test_eval_cli_prints_the_cache_and_rejects_bad_specs(capsys: pytest.CaptureFixture) -> None:

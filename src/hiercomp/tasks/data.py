@@ -20,6 +20,7 @@ from typing import Any
 from hiercomp.tasks.spec import TaskSpec, TaskSpecError
 
 DATA_DIR_ENV = "HIERCOMP_DATA_DIR"
+PASSAGE_FIELD = "context"  # the template field holding an open-book task's passage (squad's, --context's default)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Example:
     choices: tuple[str, ...] = ()  # multiple choice: the continuations' texts (without the delimiter)
     gold: int = -1  # multiple choice: index into choices
     answers: tuple[str, ...] = ()  # generation: every accepted answer
+    # Zero-shot prompts with a passage ({context} in the template): where the text after the passage (the
+    # question) starts, so a compressed KV cache can hold the passage before the question is read (kvpress's
+    # question-agnostic protocol). None when the template has no passage.
+    question_at: int | None = None
 
 
 def default_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -176,7 +181,20 @@ class RowRenderer:
         if self.spec.kind == "multiple_choice":
             choices = self.choices(row, number)
             return prompt, Example(number - 1, prompt, choices=choices, gold=self.gold(row, number, choices))
-        return prompt, Example(number - 1, prompt, answers=self.answers(row, number))
+        return prompt, Example(number - 1, prompt, answers=self.answers(row, number),
+                               question_at=self.passage_end(row, number, prompt))
+
+    def passage_end(self, row: dict[str, Any], number: int, prompt: str) -> int | None:
+        """Character offset in ``prompt`` just after the rendered ``{context}`` field (the passage), or None."""
+        head, marker, _ = self.spec.template.partition("{" + PASSAGE_FIELD + "}")
+        if not marker:
+            return None
+        values = self.fields(row, number)
+        try:
+            prefix = head.format(**values) + str(values[PASSAGE_FIELD])
+        except (KeyError, IndexError, AttributeError, ValueError):
+            return None
+        return len(prefix) if prompt.startswith(prefix) and len(prefix) < len(prompt) else None
 
 
 def load_examples(spec: TaskSpec, data_dir: str | Path | None = None, limit: int | None = None,

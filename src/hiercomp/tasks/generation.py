@@ -78,13 +78,36 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> tuple[str, bool
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
-                    stop: tuple[str, ...] | list[str], max_length: int | None) -> tuple[str, bool]:
-    """(completion cut at the stop sequences, whether the prompt was truncated). KV-cached, one token a step."""
+def split_tokens(tokenizer: Any, prompt: str, split_at: int | None) -> tuple[list[int], int]:
+    """The prompt's token ids (tokenized whole, as without a split) and how many of them lie before character
+    ``split_at`` (0 when there is no split). Fast tokenizers place the cut by their offsets; slow ones by the
+    length of the tokenized prefix."""
+    if split_at is None:
+        return list(tokenizer(prompt)["input_ids"]), 0
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        # special tokens (BOS) have empty spans at 0 and belong to the prefix
+        before = sum(1 for start, end in offsets if start < split_at or (start == end == 0))
+        return ids, before
     ids = list(tokenizer(prompt)["input_ids"])
+    return ids, min(len(ids), len(tokenizer(prompt[:split_at])["input_ids"]))
+
+
+def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
+                    stop: tuple[str, ...] | list[str], max_length: int | None,
+                    split_at: int | None = None) -> tuple[str, bool]:
+    """(completion cut at the stop sequences, whether the prompt was truncated). KV-cached, one token a step.
+
+    ``split_at`` (a character offset): the prompt is read in two forwards, the text before it first and the rest
+    through the cache that forward left — a compressing cache then compresses the first part (an open-book
+    passage) before it reads the second (the question), as kvpress evaluates. The tokens are the same either way.
+    """
+    ids, before = split_tokens(tokenizer, prompt, split_at)
     truncated = False
     if max_length is not None and len(ids) + max_new_tokens > max_length:
-        ids = ids[-max(1, max_length - max_new_tokens):]
+        cut = len(ids) - max(1, max_length - max_new_tokens)
+        ids, before = ids[cut:], max(0, before - cut)
         truncated = True
     device = model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -92,6 +115,11 @@ def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new
     cache = None
     cache_name = cache_argument(model)
     step_input = torch.tensor([ids], device=device)
+    if 0 < before < len(ids):
+        out = model(input_ids=torch.tensor([ids[:before]], device=device), use_cache=True, **{cache_name: None})
+        cache = returned_cache(out)
+        if cache is not None:
+            step_input = torch.tensor([ids[before:]], device=device)
     for _ in range(max_new_tokens):
         out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
         cache = returned_cache(out)

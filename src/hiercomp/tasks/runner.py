@@ -45,12 +45,13 @@ def _summary(spec: TaskSpec, items: dict[str, list[float]], truncated: int) -> d
 
 
 def _generation(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example],
-                max_length: int | None, progress: bool, desc: str) -> dict[str, Any]:
+                max_length: int | None, progress: bool, desc: str, question_after: bool = False) -> dict[str, Any]:
     items: dict[str, list[float]] = {m: [] for m in spec.metrics}
     truncated = 0
     for example in tqdm(examples, desc=desc, disable=not progress, unit="q"):
         completion, cut = generation.greedy_generate(model, tokenizer, example.context, spec.max_new_tokens,
-                                                     spec.stop, max_length)
+                                                     spec.stop, max_length,
+                                                     split_at=example.question_at if question_after else None)
         truncated += cut
         for metric in spec.metrics:
             items[metric].append(float(generation.METRICS[metric](completion, example.answers, spec.normalise)))
@@ -95,6 +96,7 @@ def run_tasks(
     data_dir: str | Path | None = None,
     progress: bool = True,
     label: str | None = None,
+    question_after_passage: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Score ``model`` on each task (a TaskSpec, a shipped name such as ``arc_easy``, a spec YAML path, or a
     :class:`PreparedTask`; ``"probes"`` stands for the knowledge-probe tasks).
@@ -102,6 +104,8 @@ def run_tasks(
     ``limit`` keeps the first N questions of each task; ``seed`` overrides the specs' few-shot seeds. Every spec
     and its data are checked before any model work, so a bad spec fails fast. Deterministic: greedy decoding,
     no sampling, fixed order. ``label`` names the model on the progress bars ("original: piqa").
+    ``question_after_passage``: generation tasks with a passage read it in a forward of its own, then the question
+    through the cache it left (see :func:`hiercomp.tasks.generation.greedy_generate`); for a compressed KV cache.
     """
     if tokenizer is None:
         raise HiercompError("tasks need the model's tokenizer; save the tokenizer files next to the model")
@@ -113,9 +117,13 @@ def run_tasks(
     try:
         with torch.inference_mode():
             for task in prepared:
-                run = _multiple_choice if task.spec.kind == "multiple_choice" else _generation
                 desc = task.spec.name if label is None else f"{label}: {task.spec.name}"
-                results[task.spec.name] = run(model, tokenizer, task.spec, task.examples, max_length, progress, desc)
+                if task.spec.kind == "multiple_choice":
+                    results[task.spec.name] = _multiple_choice(model, tokenizer, task.spec, task.examples,
+                                                               max_length, progress, desc)
+                else:
+                    results[task.spec.name] = _generation(model, tokenizer, task.spec, task.examples, max_length,
+                                                          progress, desc, question_after_passage)
     finally:
         model.train(was_training)
     return results
