@@ -153,6 +153,11 @@ def memory_one(spec: str, context: int) -> dict:
             "peak_rss_mb": peak_rss_mb(), "rss_model_mb": rss0}
 
 
+MEMORY_CONTEXTS = [8192, 16384, 32768]
+MEMORY_SPECS = ["dynamic", "kivi:bits=2", "kivi:bits=4", "mustafar:sparsity=0.7", "streaming:ratio=0.75",
+                "snapkv:ratio=0.75", "snapkv:ratio=0.75+kivi:bits=2"]
+
+
 def run_memory(contexts, specs):
     rows = []
     for context in contexts:
@@ -195,8 +200,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory-one", nargs=2)
     parser.add_argument("--skip-peers", action="store_true")
-    parser.add_argument("--only", choices=["stories"], help="re-measure the stories260K section (ours and kvpress, "
-                        "same run); the other sections are re-rendered from kv_raw.json")
+    parser.add_argument("--only", choices=["stories", "memory"], help="re-measure the stories260K section (ours and "
+                        "kvpress, same run) or the memory section; the others are re-rendered from kv_raw.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -224,6 +229,16 @@ def main() -> None:
     sm_seqs = torch.stack([torch.tensor(sm_ids[i * 20000: i * 20000 + sm_prefix + sm_cont]) for i in range(sm_n)])
     cases = ev.passkey_cases(smol_tok, hay, [512], [0.2, 0.5, 0.8], seed=0)
 
+    if args.only == "memory":
+        raw = json.loads((RESULTS / "kv_raw.json").read_text())
+        mem_rows = run_memory(MEMORY_CONTEXTS, MEMORY_SPECS)
+        note = (f"The memory section was re-measured on {time.strftime('%Y-%m-%d')} with `python benchmarks/kv.py "
+                f"--only memory` ({(time.perf_counter() - t0) / 60:.1f} min); the other sections are from the runs "
+                "before it (kv_raw.json).")
+        write(raw["stories"], raw["smollm2"], raw["passkey"], mem_rows, raw["kvpress"], cases,
+              time.perf_counter() - t0, {"st": (st_prefix, st_cont - 1, st_n), "sm": (sm_prefix, sm_cont - 1, sm_n)},
+              note=note)
+        return
     peer_proc = None
     peer_out = Path(tempfile.mkdtemp()) / "kvpress.json"
     if not args.skip_peers and KVPRESS_PY.exists():
@@ -258,9 +273,7 @@ def main() -> None:
     smol = AutoModelForCausalLM.from_pretrained(smol_dir).eval()
     sm_rows, sm_full16 = quality(smol, sm_seqs, sm_prefix, [4, 8], 64, 32)
     pk_rows = passkey(smol, smol_tok, cases, [4, 8], sm_full16 / sm_prefix)
-    mem_rows = run_memory([8192, 16384], ["dynamic", "kivi:bits=2", "kivi:bits=4", "mustafar:sparsity=0.7",
-                                          "streaming:ratio=0.75", "snapkv:ratio=0.75",
-                                          "snapkv:ratio=0.75+kivi:bits=2"])
+    mem_rows = run_memory(MEMORY_CONTEXTS, MEMORY_SPECS)
     peers = {"rows": []}
     if peer_proc is not None:
         log, _ = peer_proc.communicate(timeout=3600)
