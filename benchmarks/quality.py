@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hiercomp  # noqa: E402
-from _common import RESULTS, SHARED, SQUAD, STORIES, TINYSTORIES, machine, markdown_table, require_shared, stories_split  # noqa: E402
+from _common import RESULTS, SHARED, SQUAD, STORIES, machine, markdown_table, require_shared, stories_split  # noqa: E402
+from _smollm2 import TASK_LIMIT, smollm2_table  # noqa: E402
 from hiercomp import eval as ev  # noqa: E402
 from hiercomp.calibration import CalibrationConfig, load_calibration  # noqa: E402
 from hiercomp.io.hf import load_hf_model  # noqa: E402
@@ -122,10 +123,6 @@ def minilm(quick: bool, write_only: bool = False, skip_per_channel: bool = False
     return rows, len(questions), len(contexts)
 
 
-SMOL_WIKI_TEST = SHARED / "text" / "wikitext-2-raw" / "wiki.test.raw"
-SMOL_WIKI_VALID = SHARED / "text" / "wikitext-2-raw" / "wiki.valid.raw"
-SMOL_TASKS = ["arc_easy", "piqa", "copa"]
-SMOL_TASK_LIMIT = 100  # ±0.1 at 95%: enough to tell a broken model from a working one, not 2 points apart
 SMOL_CONFIGS: list[tuple[str, dict]] = [
     ("rtn", {"bits": 4, "group_size": 64}), ("gptq", {"bits": 4, "group_size": 64}),
     ("awq", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size": 64}),
@@ -135,74 +132,29 @@ SMOL_CONFIGS: list[tuple[str, dict]] = [
 
 def smollm2(write_only: bool = False) -> list[dict]:
     """SmolLM2-135M: perplexity on two texts, KL/top-1 and three tasks per configuration (one row each)."""
-    from hiercomp.evaluation import evaluate
-    from hiercomp.hierarchy import dequantize_layers
-    from hiercomp.io.builtin import smollm2_dir
+    from _smollm2 import ORIGINAL, SmolProtocol
 
     done = measured("SmolLM2-135M")
-    all_configs = [("original", {})] + SMOL_CONFIGS
-    if write_only:
-        return [done[c] for c in ["original (float32)"] + [label(m, p) for m, p in SMOL_CONFIGS] if c in done]
-    path = str(smollm2_dir())
-    tiny = str(TINYSTORIES)
-    options = {"seq_len": 512, "max_windows": 16, "progress": False}
-    original = path  # evaluate() loads it where it is needed (as reference: for KL and the tasks' verdicts)
-    ref_wiki = evaluate(original, text=SMOL_WIKI_TEST, tasks=SMOL_TASKS, limit=SMOL_TASK_LIMIT, seed=0,
-                        data_dir=SHARED / "tasks", **options)
-    ref_tiny = evaluate(original, text=tiny, seq_len=256, max_windows=16, progress=False)
+    names = [ORIGINAL] + [label(m, p) for m, p in SMOL_CONFIGS]
+    if write_only or all(n in done for n in names):
+        return [done[n] for n in names if n in done]
+    protocol = SmolProtocol()
     rows = []
-    tokenizer = load_hf_model(path).tokenizer
-    calibration = load_calibration(tokenizer, CalibrationConfig(str(SMOL_WIKI_VALID), 16, 512, seed=0))
-    for method, params in all_configs:
-        name = "original (float32)" if method == "original" else label(method, params)
+    for method, params in [("original", {})] + SMOL_CONFIGS:
+        name = ORIGINAL if method == "original" else label(method, params)
         if name in done:
             rows.append(done[name])
             continue
-        start = time.perf_counter()
         if method == "original":
-            wiki, tinys, bpw, seconds = ref_wiki, ref_tiny, 32.0, None
-            wiki = {**wiki, "kl": 0.0, "top1_agreement": 1.0, "verdicts": {}}
-            tinys = {**tinys, "kl": 0.0, "top1_agreement": 1.0}
+            row = protocol.original_row()
         else:
-            cm = hiercomp.compress(path, hiercomp.Recipe.single(method, **params), calibration, progress=False)
-            seconds, bpw = time.perf_counter() - start, cm.bits_per_weight
-            # The packed layers' reference forward dequantizes at every call (slow); their exact dense weights
-            # compute the same function, ~20x faster here.
-            dequantize_layers(cm.model)  # exact dense weights: the same function, faster
-            wiki = evaluate(cm, text=SMOL_WIKI_TEST, reference=original, reference_scores=ref_wiki,
-                            tasks=SMOL_TASKS, limit=SMOL_TASK_LIMIT, seed=0,
-                        data_dir=SHARED / "tasks", **options)
-            tinys = evaluate(cm, text=tiny, reference=original, reference_scores=ref_tiny, seq_len=256,
-                             max_windows=16, progress=False)
-        row = {"config": name, "bpw": bpw, "seconds": seconds, "wiki_ppl": wiki["perplexity"],
-               "wiki_kl": wiki["kl"], "wiki_top1": wiki["top1_agreement"], "tiny_ppl": tinys["perplexity"],
-               "tiny_kl": tinys["kl"], "verdicts": wiki.get("verdicts", {}), "probes": wiki.get("probes", {}),
-               "disagreements": wiki.get("disagreements", []),
-               "tasks": {t: {k: v for k, v in res.items() if k != "items"} for t, res in wiki["tasks"].items()}}
+            start = time.perf_counter()
+            cm = hiercomp.compress(protocol.path, hiercomp.Recipe.single(method, **params), protocol.calibration,
+                                   progress=False)
+            row = protocol.measure(name, cm, cm.bits_per_weight, time.perf_counter() - start)
         rows.append(row)
         record("SmolLM2-135M", row)
     return rows
-
-
-def smollm2_table(rows: list[dict]) -> str:
-    f3, f4 = (lambda v: f"{v:.3f}"), (lambda v: f"{v:.4f}")
-    flat = []
-    for r in rows:
-        out = {k: r[k] for k in ("config", "bpw", "wiki_ppl", "wiki_kl", "wiki_top1", "tiny_ppl", "tiny_kl")}
-        out["seconds"] = r.get("seconds")
-        for task in SMOL_TASKS:
-            res = r["tasks"].get(task, {})
-            acc, n = res.get("acc"), res.get("n", 0)
-            verdict = ((r.get("verdicts") or {}).get(task) or {}).get("acc")
-            half = 1.96 * (acc * (1 - acc) / n) ** 0.5 if acc is not None and n else None  # 95%, normal approx.
-            out[task] = "–" if acc is None else f"{acc:.3f} ± {half:.3f}" + (f" ({verdict})" if verdict else "")
-        flat.append(out)
-    return markdown_table(flat, [("config", "configuration", None), ("bpw", "bits/weight", f3),
-                                 ("wiki_ppl", "WikiText-2 ppl", f3), ("wiki_kl", "WikiText-2 KL", f4),
-                                 ("wiki_top1", "top-1", f4), ("tiny_ppl", "TinyStories ppl", f3),
-                                 ("tiny_kl", "TinyStories KL", f4)]
-                        + [(t, t.replace("_", "-"), None) for t in SMOL_TASKS]
-                        + [("seconds", "compress s", lambda v: f"{v:.0f}")])
 
 
 def smollm2_probes(rows: list[dict]) -> str:
@@ -356,7 +308,7 @@ embeddings of the same questions and passages. Calibration: 64 × 128 tokens of 
 WikiText-2 **test** perplexity (the literature's protocol, on the first 16 windows of 512 tokens: a 2-core CPU
 cannot score the whole test set for every row) and TinyStories perplexity (16 windows of 256 tokens of
 `valid_sample.txt`); KL(original ‖ compressed) and top-1 agreement on the same WikiText-2 positions. Tasks: the
-first {SMOL_TASK_LIMIT} questions of ARC-Easy (test), PIQA (validation) and COPA (validation; it has 100),
+first {TASK_LIMIT} questions of ARC-Easy (test), PIQA (validation) and COPA (validation; it has 100),
 zero-shot accuracy ± the 95% interval (normal approximation), and the verdict against the original's answers to the
 same questions (:mod:`hiercomp.tasks.probes`: "within noise" when the paired difference is inside its interval).
 Calibration: 16 × 512 tokens of WikiText-2 validation. Each compressed model is evaluated with its layers' exact
