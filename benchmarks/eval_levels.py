@@ -46,7 +46,7 @@ def _text_rows(model: str, name: str, text: Path, seq_len: int, windows: int, sp
     return rows
 
 
-def _squad_rows(smollm2: str, limit: int) -> list[dict]:
+def _squad_rows(smollm2: str, limit: int, only_kv: bool = False) -> list[dict]:
     from hiercomp.evaluation import evaluate
 
     rows = []
@@ -55,6 +55,8 @@ def _squad_rows(smollm2: str, limit: int) -> list[dict]:
                                                                  "truncate:budget=0.5x", "truncate:budget=0.25x")],
                 *[(f"--kv {k}", {"kv": k}) for k in ("kivi:bits=2", "snapkv:ratio=0.5", "snapkv:ratio=0.75",
                                                      "snapkv:ratio=0.5+kivi:bits=2")]]
+    if only_kv:
+        variants = [v for v in variants if "kv" in v[1]]
     for label, options in variants:
         r = evaluate(smollm2, tasks=["squad"], data_dir=SQUAD.parent, limit=limit, progress=False, **options)
         scores, ctx, kv = r["tasks"]["squad"], r.get("context", {}).get("squad", {}), r.get("kv_tasks", {})
@@ -95,10 +97,35 @@ def _kilobytes(v: float) -> str:
     return f"{v / 1000:.1f} KB"
 
 
+KV_PROTOCOL = """`--kv`: question-agnostic, as kvpress evaluates: title and passage are prefilled into a fresh
+compressed cache per question and compressed, then the question is fed through that cache and the answer decoded
+(SnapKV's observation window sees the passage's end, not the question); KV bytes: held per question at its end
+(the question and answer tokens are added uncompressed after the passage was compressed)."""
+SQUAD_COLUMNS = [("variant", "variant", None), ("em", "EM", _fmt(".3f")), ("f1", "F1", _fmt(".3f")), ("n", "n", None),
+                 ("ratio", "passage ratio", _fmt(".3f")), ("exact", "on budget", None),
+                 ("compress_s", "compress s", lambda v: f"{v:.1f}"), ("held", "KV held", _kilobytes),
+                 ("full", "full 16-bit", _kilobytes), ("factor", "smaller", lambda v: f"{v:.2f}x")]
+
+
+def _replace_squad_kv_rows(rows: list[dict]) -> None:
+    """eval_levels.md with its SQuAD --kv rows and the --kv protocol sentence replaced by fresh ones."""
+    path = RESULTS / "eval_levels.md"
+    lines = path.read_text().split("\n")
+    fresh = {r["variant"]: markdown_table([r], SQUAD_COLUMNS).split("\n")[-1] for r in rows}
+    lines = [fresh.get(line.split(" | ")[0][2:], line) if line.startswith("| --kv ") else line for line in lines]
+    text = "\n".join(lines)
+    start = text.index("`--kv`: ")
+    end = text.index(" questions give a 95% interval", start)
+    end = text.rindex("\n", start, end)  # the paragraph runs up to the line that starts with the question count
+    path.write_text(text[:start] + KV_PROTOCOL + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--squad-limit", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["squad-kv"], help="re-measure only the SQuAD --kv rows and replace them "
+                        "(and the protocol sentence) in eval_levels.md")
     args = parser.parse_args()
     require_shared()
     torch.set_num_threads(args.threads)
@@ -106,6 +133,9 @@ def main() -> None:
     from hiercomp.io.builtin import smollm2_dir
 
     smollm2 = str(smollm2_dir())
+    if args.only == "squad-kv":
+        _replace_squad_kv_rows(_squad_rows(smollm2, args.squad_limit, only_kv=True))
+        return
     text_rows = _text_rows(str(STORIES), "stories260K", TINYSTORIES, 512, 8, KV_SPECS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "rtn4"
@@ -145,15 +175,10 @@ prefix, measured from its tensors; `full`: a 16-bit cache of the prefix. SmolLM2
 First {args.squad_limit} questions of squad_validation_olmes1000, zero-shot, greedy, at most 32 new tokens.
 `--context`: each passage compressed before the model reads it (the model itself scores tokens; budget in its
 tokens of the passage alone; title, question and instruction untouched); `ratio`: achieved, mean over items.
-`--kv`: the whole prompt (title, passage, question) is prefilled into a fresh compressed cache per question, then the
-answer is decoded through it (SnapKV's observation window therefore sees the question: kvpress's
-question-agnostic protocol compresses the passage alone, which is harder); KV bytes: held per question at its end.
+{KV_PROTOCOL}
 {args.squad_limit} questions give a 95% interval of roughly ±0.1 on F1: small differences are noise.
 
-{markdown_table(squad_rows, [("variant", "variant", None), ("em", "EM", f3), ("f1", "F1", f3), ("n", "n", None),
-                             ("ratio", "passage ratio", f3), ("exact", "on budget", None),
-                             ("compress_s", "compress s", lambda v: f"{v:.1f}"), ("held", "KV held", kb),
-                             ("full", "full 16-bit", kb), ("factor", "smaller", lambda v: f"{v:.2f}x")])}
+{markdown_table(squad_rows, SQUAD_COLUMNS)}
 
 ## 3. `hiercomp generate SmolLM2 --kv SPEC` ({gen_rows[0]['prompt']}-token prompt, 64 new tokens, greedy)
 
