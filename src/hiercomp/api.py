@@ -140,6 +140,7 @@ def compress(
     trust_remote_code: bool = False,
     resume: bool = False,
     stream: bool = False,
+    cluster: Any = None,
 ) -> CompressedModel:
     """Compress a model (a Hugging Face folder, hub id, or an already loaded model) and, with ``out``, save it.
 
@@ -157,9 +158,13 @@ def compress(
     ``stream=True``: a model larger than memory, read block by block from its folder's safetensors shards and
     written block by block into ``out`` (:mod:`hiercomp.stream`); the returned model is a skeleton on ``meta``
     (load the folder with :func:`load`).
+    ``cluster`` (with ``budget``): a :class:`hiercomp.distributed.ClusterConfig` scores the search on Ray workers;
+    same seed, same plan as without it.
     """
     if out is not None:
         check_output_dir(out, force)  # fail before the work
+    if cluster is not None and budget is None:
+        raise HiercompError("--workers / --ray-address spread a budget search: add --budget, or drop them")
     if budget is not None and recipe is not None:
         raise HiercompError("give a recipe/plan or a budget, not both")
     if budget is None and recipe is None and not drop:
@@ -189,7 +194,7 @@ def compress(
     recipe_obj: Recipe | None = None
     if budget is not None:
         plan = _search(loaded, budget, calibration, search=search, levels=levels, evo=evo, seed=seed,
-                       cache_dir=cache_dir, progress=progress).plan
+                       cache_dir=cache_dir, progress=progress, cluster=cluster).plan
     elif recipe is not None:
         plan, recipe_obj = _plan_from(recipe, loaded.model)
     else:

@@ -136,6 +136,26 @@ def test_search_on_two_workers_gives_the_serial_plan(ray_cluster, calib_8x128: t
 
 
 @needs_shared
+def test_compress_budget_on_two_workers_writes_the_serial_bytes(ray_cluster, tmp_path: Path) -> None:
+    """`hiercomp compress --budget B --workers 2`: the search fans out, the saved plan and weights are the bytes of
+    the single-process run."""
+    from hiercomp.cli import main
+    from hiercomp.plan import Plan
+
+    common = ["compress", str(STORIES), "--budget", "3.0bpw", "--levels", "gptq:bits=2,3:group_size=128",
+              "--generations", "2", "--calib", str(TINYSTORIES), "--calib-n", "8", "--calib-len", "128",
+              "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "serial")]) == 0
+    assert main([*common, "--workers", "2", "--out", str(tmp_path / "fanned")]) == 0
+    serial, fanned = (Plan.load(tmp_path / run / "plan.yaml") for run in ("serial", "fanned"))
+    assert (serial.layers, serial.removed, serial.cost, serial.history) == \
+        (fanned.layers, fanned.removed, fanned.cost, fanned.history)
+    assert serial.fitness["value"] == fanned.fitness["value"]  # only the wall time ("seconds") differs
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("serial", "fanned")]
+    assert weights[0] == weights[1]
+
+
+@needs_shared
 def test_eval_sweep_on_two_workers_gives_the_serial_numbers(ray_cluster, calib_8x128: torch.Tensor,
                                                             tmp_path: Path) -> None:
     """`hiercomp eval A B --workers 2` and `hiercomp report A B --workers 2`: the numbers of the one-by-one run."""

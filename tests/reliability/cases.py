@@ -620,6 +620,8 @@ CASES: list[Case] = [
     Case("stream: --stream with --resume", lambda env, case: rtn(env["stories"], case, "--stream", "--resume"),
          "does not combine with --stream"),
     Case("stream: a model folder without safetensors", _stream_without_safetensors, "no safetensors weights"),
+    Case("compress: --workers without --budget", lambda env, case: rtn(env["stories"], case, "--workers", "2"),
+         "add --budget"),
     Case("search: --workers 0", lambda env, case: _search_args(env, case, "--workers", "0"), "at least 1"),
     Case("search: --ray-address not an address", lambda env, case: _search_args(env, case, "--ray-address", "nowhere"),
          "is not 'auto', host:port"),

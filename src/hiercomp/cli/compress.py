@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from hiercomp.cli._common import CONTEXT, fmt_bytes, write_json
+from hiercomp.cli._common import CONTEXT, cluster_config, cluster_options, fmt_bytes, write_json
 from hiercomp.errors import HiercompError
 
 
@@ -77,6 +77,7 @@ from hiercomp.errors import HiercompError
 @click.option("--cache", "cache_dir", type=click.Path(), default=None,
               help="With --budget: candidate-layer cache folder (default ~/.cache/hiercomp/levels; "
                    "$HIERCOMP_CACHE moves the root).")
+@cluster_options("the --budget search's fitness evaluations")
 def compress(model: str, out: str, method: str | None, recipe: str | None, bits: int | None,
              group_size: int | None, symmetric: bool, act_order: bool, damp: float | None, sparsity: float | None,
              pattern: str | None, rank: int | None, extra_params: tuple[str, ...],
@@ -86,7 +87,8 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
              cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
-             tune_lr: float = 1e-3, stream: bool = False) -> None:
+             tune_lr: float = 1e-3, stream: bool = False, workers: int | None = None,
+             ray_address: str | None = None, worker_threads: int | None = None) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
     Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
@@ -101,6 +103,10 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
                                       pattern, rank, extra_params, rotate)
     if (plan_file or budget) and (recipe_obj is not None or drop):
         raise HiercompError("give one of --plan, --budget, --method/--recipe/--drop, not several")
+    cluster = cluster_config(workers, ray_address, worker_threads)
+    if cluster is not None and budget is None:
+        raise HiercompError("--workers / --ray-address spread a --budget search's evaluations: add --budget, "
+                            "or drop them")
     recovery = None
     if recover_steps:
         from hiercomp.depth import RecoveryConfig
@@ -121,7 +127,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
                       evo=evo, cache_dir=cache_dir, drop=drop, drop_unit=drop_unit, drop_rule=drop_rule,
                       recovery=recovery, seed=seed, out=out, force=force, propagate=propagate,
                       sequential=not no_sequential, progress=not quiet, trust_remote_code=trust_remote_code,
-                      resume=resume, stream=stream)
+                      resume=resume, stream=stream, cluster=cluster)
     if budget is not None and cm.plan is not None:
         click.echo(f"plan ({search_kind}, {budget}): {cm.plan.cost['bits_per_weight']:.4f} bits per weight, "
                    f"{cm.plan.cost['size_bytes']:.0f} bytes, {cm.plan.fitness['metric']} "
