@@ -641,27 +641,34 @@ def peer_weights_one(model_dir: str, bits: int, group_size: int, symmetric: bool
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layers_quantized": len(weights)}
 
 
-def run_minilm() -> None:
-    rows = [json.loads(x) for x in MINILM_ROWS.read_text().splitlines()] if MINILM_ROWS.exists() else []
+def run_queue(rows_file: Path, configs: list, command: str, title: str) -> None:
+    """Each (method, params) not yet in ``rows_file``, in its own process (``frontier.py COMMAND method params``);
+    its row appended as it comes (a rerun resumes) and the results file re-rendered. llm-compressor rows match on
+    the configuration whatever version wrote them."""
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()] if rows_file.exists() else []
     done = {("llm-compressor" if r["method"].startswith("llm-compressor") else r["method"],
              json.dumps(r.get("params"), sort_keys=True)) for r in rows}
-    minilm_data()  # made once, before the subprocesses read it
-    for method, params in MINILM_CONFIGS:
+    for method, params in configs:
         if (method, json.dumps(params, sort_keys=True)) in done:
             continue
-        print(f"{MINILM} {method} {params}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "minilm_one", method, json.dumps(params)],
+        print(f"{title} {method} {params}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, command, method, json.dumps(params)],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             print(proc.stderr[-3000:], flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print({k: v for k, v in row.items() if k != "stderr_tail"}, flush=True)
         if "stderr_tail" in row:
-            print(row["stderr_tail"], flush=True)
-        with MINILM_ROWS.open("a") as f:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"}) + "\n")
+            print(row.pop("stderr_tail"), flush=True)
+        print(row, flush=True)
+        with rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         render()
+
+
+def run_minilm() -> None:
+    minilm_data()  # made once, before the subprocesses read it
+    run_queue(MINILM_ROWS, MINILM_CONFIGS, "minilm_one", MINILM)
 
 
 # -- part 5: ARC-Easy / PIQA accuracy of the SmolLM2 rows -----------------------------------------------------
@@ -733,23 +740,7 @@ def task_fields(result: dict) -> dict:
 
 
 def run_tasks() -> None:
-    rows = [json.loads(x) for x in TASK_ROWS.read_text().splitlines()] if TASK_ROWS.exists() else []
-    done = {("llm-compressor" if r["method"].startswith("llm-compressor") else r["method"],
-             json.dumps(r.get("params"), sort_keys=True)) for r in rows}
-    for method, params in TASK_CONFIGS:
-        if (method, json.dumps(params, sort_keys=True)) in done:
-            continue
-        print(f"tasks SmolLM2-135M {method} {params}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "task_one", method, json.dumps(params)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], flush=True)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(row, flush=True)
-        with TASK_ROWS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        render()
+    run_queue(TASK_ROWS, TASK_CONFIGS, "task_one", "tasks SmolLM2-135M")
 
 
 # -- results file -------------------------------------------------------------------------------------
