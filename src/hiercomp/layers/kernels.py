@@ -4,6 +4,13 @@ Every compressed layer keeps its stored buffers (the exact saved form) and its `
 that is the *reference* runtime. The *fast* runtime attaches a :class:`Kernel` built once from the stored
 form; the forward then never builds the dense float32 weight:
 
+- integer grids of 1-4 bits whose in-features are a multiple of 32, with groups of 32, 64, a multiple of 128 or
+  per channel: the native kernel (gemv.cpp, compiled on first use: see :mod:`hiercomp.layers.gemv`). It rounds
+  the activation to two int8 levels per block of 32 and takes integer dot products with the 4-bit codes
+  (AVX512-VNNI / AVX2), for every batch size: one token streams the codes near memory bandwidth, and a
+  128-token prefill measured faster than torch's int4 kernel and as fast as dequantizing tiles to bfloat16
+  (benchmarks/gemv_layer.py), without the tile's memory.
+  Where it is off (``HIERCOMP_NO_NATIVE=1``, no compiler, no AVX2) or the shape does not fit, the torch kernels:
 - integer grids of 2-4 bits whose groups are multiples of 32 (per channel included: the scale repeats) and
   whose output width is a multiple of 16: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the one
   torchao's int4 CPU layout calls). The kernel computes ``(q - 8) * scale + zero``; our grid is
@@ -21,10 +28,12 @@ form; the forward then never builds the dense float32 weight:
   measured 5x slower than dense), so the dense float32 weight is built ONCE at load and used by plain
   ``F.linear``: as fast as the original, as large as the original in memory; the stored form stays for saving.
 
-Both torch kernels are vectorised on this CPU (AVX2) only for bfloat16 inputs (float32 and float16 inputs
-run 10-20x slower: measured), so the integer paths round the activation and the scales to bfloat16 and
-return float32: fast equals reference within bfloat16 rounding (relative error of the output ~0.3%; the
-tests assert ≤ 1e-2 relative to the output norm). Low-rank and sparse paths are float32 and match to 1e-5.
+The native kernel's two-level int8 activation (~15 bits per input) errs by ~5e-5 of the output's norm (the
+integer products and float sums are otherwise exact; the zero term uses the same rounded input, so it cancels
+exactly). Both torch kernels are vectorised on this CPU (AVX2) only for bfloat16 inputs (float32 and
+float16 inputs run 10-20x slower: measured), so the torch integer paths round the activation and the scales to
+bfloat16 and return float32: fast equals reference within bfloat16 rounding (relative error of the output ~0.3%;
+the tests assert ≤ 1e-2 relative to the output norm). Low-rank and sparse paths are float32 and match to 1e-5.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hiercomp.layers import gemv
 
 RUNTIMES = ("fast", "reference")
 FAST_DTYPE = torch.bfloat16
@@ -184,9 +195,42 @@ class Int8Kernel(Kernel):
         return y if self.zero_term is None else self.zero_term.add_to(y, xb)
 
 
+class NativeLowBitKernel(Kernel):
+    """An affine grid with codes 0..15 on the native kernel (gemv.cpp): int8 activations, integer dot products."""
+
+    name = "native4"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> None:
+        self.grid = gemv.PackedGrid(codes, scale, zero, group_size)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.grid.packed, self.grid.scale, self.grid.zero]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid(x)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes (out, in) back, exactly."""
+        return self.grid.codes()
+
+
+def native_fits(codes: torch.Tensor, group_size: int | None, bits: int) -> bool:
+    """Whether this grid goes to the native kernel (saying once per process when it is off for a grid it takes)."""
+    if bits > 4 or not gemv.supports(codes.shape[1], group_size):
+        return False
+    if not gemv.available():
+        if not gemv.disabled():
+            gemv.warn_unavailable()
+        return False
+    return True
+
+
 def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
                   bits: int) -> Kernel:
-    """The fastest kernel for ``scale * (codes - zero)`` per (row, group): int4 where it fits, else int8."""
+    """The fastest kernel for ``scale * (codes - zero)`` per (row, group): native where it fits, then int4,
+    else int8."""
+    if native_fits(codes, group_size, bits):
+        return NativeLowBitKernel(codes, scale, zero, group_size)
     if bits <= 4 and int4_group(codes.shape[0], codes.shape[1], group_size) is not None:
         return Int4Kernel(codes, scale, zero, group_size)
     return Int8Kernel(codes, scale, zero, group_size, bits)
