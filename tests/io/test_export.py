@@ -178,6 +178,22 @@ def test_gguf_reader_gets_our_weights_back(compressed, tmp_path, name, prefer, t
     assert np.array_equal(back["token_embd.weight"], embed)
 
 
+def test_gguf_keeps_a_compressed_head_of_a_tied_model(tmp_path):
+    """stories260K ties its output head to the embedding; compressed, the head is written as its own output.weight
+    (exactly), and the embedding stays the dense table: dropping the head would make llama.cpp run dense."""
+    from hiercomp.hierarchy import compressed_layers
+    from hiercomp.io.export_ct import load_stored
+
+    recipe = {"rules": [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}], "ignore": []}
+    folder = hiercomp.compress(str(STORIES), recipe, progress=False).save(tmp_path / "head")
+    export_gguf_file(folder, tmp_path / "m.gguf")
+    back, kinds = gguf_weights(tmp_path / "m.gguf")
+    model = load_stored(folder).model
+    head = compressed_layers(model)["lm_head"].dequantize().numpy()
+    assert kinds["output.weight"] == "Q4_0" and np.array_equal(back["output.weight"], head)
+    assert np.array_equal(back["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy())
+
+
 def export_gguf_file(folder, out, prefer="exact"):
     from hiercomp.io.gguf_export import export_gguf
 

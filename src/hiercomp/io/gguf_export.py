@@ -381,11 +381,12 @@ def export_gguf(path: str | Path, out: str | Path, force: bool = False, strict: 
                 else:
                     linear_tensor(f"{prefix}{hf}", f"blk.{i}.{short}.weight", rows)
         dense_tensor("output_norm.weight", state["model.norm.weight"].float())
-        if not getattr(config, "tie_word_embeddings", False):
-            if "lm_head" in layers:
-                linear_tensor("lm_head", "output.weight", None)
-            else:
-                embedding_tensor("output.weight", state["lm_head.weight"])
+        # A compressed head is written as its own output matrix even where the config ties it to the embedding
+        # (llama.cpp uses output.weight when present, token_embd otherwise): dropping it would run the dense table.
+        if "lm_head" in layers:
+            linear_tensor("lm_head", "output.weight", None)
+        elif not getattr(config, "tie_word_embeddings", False):
+            embedding_tensor("output.weight", state["lm_head.weight"])
         writer.add_file_type(_file_type(gguf, qtypes))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
