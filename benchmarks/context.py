@@ -25,9 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, SHARED, STORIES, TINYSTORIES, machine, markdown_table, require_shared  # noqa: E402
 
-N_SQUAD = int(os.environ.get("N_SQUAD", 20))
-MI_N = int(os.environ.get("MI_N", 12))
+N_SQUAD = int(os.environ.get("N_SQUAD", 100))
+MI_N = int(os.environ.get("MI_N", 32))
 KL_N = int(os.environ.get("KL_N", 6))
+READ_THREADS = int(os.environ.get("READ_THREADS", 2))
 RATIOS = (0.5, 0.25, 0.1)
 MAX_NEW_TOKENS = 12
 PEER_PYTHON = Path(os.environ.get("LLMLINGUA_PYTHON", "/work/venvs/llmlingua/bin/python"))
@@ -142,10 +143,13 @@ def main() -> None:
         save_raw(raw)
 
     # --- reader: EM / F1 / answer retention; prefill time -----------------------------------------------
+    # The compressors are done (their cost measured on one thread); reading and MI may use every core.
+    torch.set_num_threads(READ_THREADS)
     for key, entry in raw.items():
-        if not isinstance(entry, dict) or "prompts" not in entry or "em" in entry:
+        if not isinstance(entry, dict) or "prompts" not in entry or "f1_items" in entry:
             continue
-        em = f1 = kept_answer = 0.0
+        em = kept_answer = 0.0
+        f1s = []
         prefill = 0.0
         timed = entry["method"] in ("full", "tokens")  # prefill grows with tokens alike for every compressor
         for prompt, item, row in zip(entry["prompts"], entry["items"], rows):
@@ -157,11 +161,12 @@ def main() -> None:
                     prefill += time.perf_counter() - start
                 completion, _ = greedy_generate(model, tok, prompt, spec.max_new_tokens, spec.stop, None)
             em += METRICS["exact_match"](completion, row["answers"])
-            f1 += METRICS["f1"](completion, row["answers"])
+            f1s.append(METRICS["f1"](completion, row["answers"]))
             text = normalise_answer(item["text"])
             kept_answer += any(normalise_answer(a) in text for a in row["answers"])
         n = len(entry["prompts"])
-        entry.update(em=em / n, f1=f1 / n, answer_kept=kept_answer / n, prefill_s=prefill / n if timed else None)
+        entry.update(em=em / n, f1=sum(f1s) / n, f1_items=f1s, answer_kept=kept_answer / n,
+                     prefill_s=prefill / n if timed else None)
         save_raw(raw)
         print(f"read {key}: F1 {entry['f1']:.3f}", flush=True)
 
@@ -228,6 +233,14 @@ def tinystories_kl(model, tok, name: str) -> dict:
     return out
 
 
+def standard_error(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def spearman(xs: list[float], ys: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -248,7 +261,8 @@ def write_report(raw: dict, rows: list[dict], distinct: list[int], caveat: str) 
         table.append({
             "method": entry["method"], "requested": entry["ratio"], "achieved": kept / original,
             "exact": f"{exact}/{len(items)}" if entry["method"] != "full" else "–",
-            "em": entry["em"], "f1": entry["f1"], "retention": entry["f1"] / full["f1"] if full.get("f1") else None,
+            "em": entry["em"], "f1": entry["f1"], "f1_se": standard_error(entry["f1_items"]),
+            "retention": entry["f1"] / full["f1"] if full.get("f1") else None,
             "answer_kept": entry["answer_kept"],
             "mi": entry.get("mi", {}).get("bits"), "mi_tok": entry.get("mi", {}).get("bits_per_token"),
             "at_cap": entry.get("mi", {}).get("at_cap"),
@@ -260,7 +274,7 @@ def write_report(raw: dict, rows: list[dict], distinct: list[int], caveat: str) 
     f3 = "{:.3f}".format
     cols = [("method", "compressor", None), ("requested", "requested ratio", f3),
             ("achieved", "achieved ratio (reader tokens)", f3), ("exact", "budget met exactly", None),
-            ("em", "EM", f3), ("f1", "F1", f3), ("retention", "F1 / full", f3),
+            ("em", "EM", f3), ("f1", "F1", f3), ("f1_se", "± se", f3), ("retention", "F1 / full", f3),
             ("answer_kept", "answer span kept", f3), ("mi", "MI bits", "{:.2f}".format),
             ("mi_tok", "MI bits/token", "{:.3f}".format), ("at_cap", "at cap", "{:.2f}".format),
             ("cost", "compress s / 1k tok", "{:.2f}".format), ("prefill_ms", "reader prefill ms", "{:.0f}".format)]
@@ -268,6 +282,7 @@ def write_report(raw: dict, rows: list[dict], distinct: list[int], caveat: str) 
     rho = spearman([r["mi"] for r in with_mi], [r["f1"] for r in with_mi]) if len(with_mi) > 2 else float("nan")
     rho_tok = (spearman([r["mi_tok"] for r in with_mi], [r["f1"] for r in with_mi])
                if len(with_mi) > 2 else float("nan"))
+    paired = paired_rows(raw, 0.25)
     kl = raw.get("kl", {})
     kl_rows = [{"model": k.split("/")[0], "method": k.split("/")[1], "kl": v} for k, v in kl.items()]
     n = len(rows)
@@ -281,8 +296,8 @@ Reader and scorer: SmolLM2-135M-Instruct (every LM-based compressor, ours and LL
 budget counts its tokens of the passage alone). {caveat} (it matters for weights, not here).
 SQuAD v1.1 validation, the first **n = {n}** questions of `squad_validation_olmes1000.jsonl`, the shipped `squad`
 template (title, passage, question), greedy, at most {MAX_NEW_TOKENS} new tokens, cut at a newline; only the
-passage is compressed. n is small because the 2 cores were shared with several other jobs (load average
-10-20): differences of one or two questions (0.03-0.07 F1) are noise.
+passage is compressed. The standard error of a mean F1 over n questions is printed beside each row ("F1 ± se",
+over questions); two rows whose F1 differ by less than about twice that are not distinguishable here.
 
 * `tokens`: hiercomp TokenPruner (self-information segment by segment after the kept prefix, plus the
   contrastive question term, whole words, exact budget).
@@ -301,6 +316,13 @@ passage is compressed. n is small because the 2 cores were shared with several o
 kept" = a gold answer (SQuAD-normalised) is still a substring of the compressed passage. "compress s / 1k tok" =
 compression seconds per 1000 passage tokens (LLMLingua's measured inside its subprocess; its model load is not
 counted); "reader prefill ms" = one forward pass over the whole prompt, mean per question.
+
+## At the requested 4x: ours against each LLMLingua variant, question by question
+
+Paired over the same n questions: ΔF1 = ours − peer (mean ± its standard error), and each side's achieved ratio
+in reader tokens ("equal or fewer tokens" holds where ours ≤ the peer's).
+
+{markdown_table(paired, PAIRED_COLUMNS)}
 
 ## The compressor–predictor claim (He et al.)
 
@@ -326,6 +348,28 @@ scores its own prefix). Lower is better.
     print(f"wrote {OUT / 'context.md'}")
 
 
+def paired_rows(raw: dict, ratio: float) -> list[dict]:
+    """Each of our compressors against each peer at one requested ratio: the per-question F1 difference."""
+    out = []
+    ours = [e for e in raw.values() if isinstance(e, dict) and e.get("method") in OURS and e.get("ratio") == ratio
+            and "f1_items" in e]
+    peers = [e for e in raw.values() if isinstance(e, dict) and e.get("method") in PEERS
+             and e.get("ratio") == ratio and "f1_items" in e]
+    for a in ours:
+        for b in peers:
+            diff = [x - y for x, y in zip(a["f1_items"], b["f1_items"])]
+
+            def achieved(e: dict) -> float:
+                return sum(i["kept"] for i in e["items"]) / sum(i["original"] for i in e["items"])
+
+            out.append({"ours": a["method"], "peer": b["method"], "delta": sum(diff) / len(diff),
+                        "se": standard_error(diff), "ours_ratio": achieved(a), "peer_ratio": achieved(b)})
+    return out
+
+
+PAIRED_COLUMNS = [("ours", "ours", None), ("peer", "peer", None), ("delta", "ΔF1", "{:+.3f}".format),
+                  ("se", "± se", "{:.3f}".format), ("ours_ratio", "ours: achieved ratio", "{:.3f}".format),
+                  ("peer_ratio", "peer: achieved ratio", "{:.3f}".format)]
 KL_COLUMNS = [("model", "model", None), ("method", "compressor", None), ("kl", "KL (nats/token)", "{:.3f}".format)]
 READING = """\
 Measured against the issue's goals, honestly:
