@@ -2,8 +2,8 @@
 
 Its activation is rounded to two int8 levels per block of 32 (~15 bits), so outputs match the reference within
 that rounding: asserted as ≤ 1e-2 of the output's norm like every fast path, and ≤ 1e-3 to pin the precision
-(measured ~5e-5). The codes come back exactly. Where the native
-kernel is off (``HIERCOMP_NO_NATIVE=1``, or unavailable), the torch kernels take the layers as before.
+(measured ~5e-5). The codes come back exactly from each of the four layouts (4, 3, 2 and 1 bits per code). Where
+the native kernel is off (``HIERCOMP_NO_NATIVE=1``, or unavailable), the torch kernels take the layers as before.
 """
 
 from __future__ import annotations
@@ -64,7 +64,81 @@ def test_native_fast_equals_reference(bits: int, group: int | None, symmetric: b
         for rows in (1, 3, 16, 130):
             err, name = rel_error(layer, torch.randn(rows, in_f))
             assert name == "native4" and err < TOL and err < 1e-3, (out_f, in_f, rows, err)
+        assert layer.kernel.grid.bits == bits  # held in its own layout: 2 and 3 bits not on the nibbles
         assert torch.equal(layer.kernel.codes(), layer.codes())
+
+
+def affine_grid(out_f: int, in_f: int, bits: int, group: int | None, symmetric: bool, seed: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes of ``bits`` (1 included: HLQ/BitStack planes) with float16 scales, integer or mid zeros, and
+    the dense weight they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group is None else in_f // group
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g)
+    scale = (torch.rand(out_f, groups, generator=g) + 0.1).half().float()
+    zero = (torch.full((out_f, groups), ((1 << bits) - 1) / 2) if symmetric
+            else torch.randint(0, 1 << bits, (out_f, groups), generator=g).float())
+    width = in_f // groups
+    weight = scale.repeat_interleave(width, 1) * (codes - zero.repeat_interleave(width, 1))
+    return codes, scale, zero, weight
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_narrow_layouts_equal_reference(bits: int, group: int | None, symmetric: bool) -> None:
+    """The 1-, 2- and 3-bit layouts (chosen from the codes' range) against the dense product, codes exact."""
+    shapes = [(40, 384)] + ([(24, 96)] if group in (32, None) else [])
+    for out_f, in_f in shapes:
+        codes, scale, zero, weight = affine_grid(out_f, in_f, bits, group, symmetric, 10 * bits + out_f)
+        grid = gemv.PackedGrid(codes, scale, zero, group)
+        assert grid.bits == bits and grid.packed.shape == (out_f, -(-in_f // 128) * 16 * bits)
+        assert torch.equal(grid.codes(), codes)
+        for rows in (1, 3, 16, 130):
+            x = torch.randn(rows, in_f)
+            ref = x @ weight.T
+            err = float((grid(x) - ref).norm() / ref.norm())
+            assert err < 1e-3, (bits, out_f, in_f, rows, err)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_activation_rounding_is_the_only_error_in_every_layout(bits: int) -> None:
+    """With an input already on each block's int8 grid, every layout gives W·x up to float32 summation."""
+    codes, scale, zero, weight = affine_grid(32, 256, bits, 64, False, bits)
+    x = torch.randint(-127, 128, (3, 256)).float()
+    x[:, ::32] = 127.0
+    ref = F.linear(x, weight)
+    y = gemv.PackedGrid(codes, scale, zero, 64)(x)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_layout_choice_and_round_trip() -> None:
+    """The layout follows the codes' range unless given; packing is pure torch (no native library needed)."""
+    assert [gemv.layout_bits(m) for m in (0, 1, 2, 3, 4, 7, 8, 15)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError):
+        gemv.layout_bits(16)
+    torch.manual_seed(7)
+    codes = torch.randint(0, 4, (1030, 160))  # more rows than one packing slice; 160 inputs padded to 256
+    for bits in (2, 3, 4):
+        grid = gemv.PackedGrid(codes, torch.ones(1030, 5), torch.zeros(1030, 5), 32, bits=bits)
+        assert grid.bits == bits and grid.packed.shape == (1030, 2 * 16 * bits)
+        assert torch.equal(grid.codes(), codes)
+    with pytest.raises(ValueError, match="2-bit"):
+        gemv.PackedGrid(codes + 1, torch.ones(1030, 5), torch.zeros(1030, 5), 32, bits=2)
+
+
+def test_narrow_layouts_hold_fewer_bytes() -> None:
+    """A 2-bit layer holds half the code bytes of the same codes on the 4-bit layout, a 3-bit one three quarters
+    (scales and zeros, float16 per group, are the same)."""
+    codes, scale, zero, _ = affine_grid(256, 2048, 2, 128, False, 8)
+    four = NativeLowBitKernel(codes, scale, zero, 128, bits=4)
+    two = NativeLowBitKernel(codes, scale, zero, 128)
+    three = NativeLowBitKernel(codes, scale, zero, 128, bits=3)
+    assert two.grid.packed.numel() * 2 == four.grid.packed.numel() == three.grid.packed.numel() * 4 // 3
+    assert two.nbytes() < 0.55 * four.nbytes() and three.nbytes() < 0.8 * four.nbytes()
+    assert torch.equal(two.codes(), codes) and torch.equal(three.codes(), codes)
 
 
 @needs_native
@@ -106,12 +180,15 @@ def test_avx2_builds_agree_with_the_native_build(flags: tuple[str, ...]) -> None
     lib = gemv.build_library(flags)
     assert lib.hc_isa().decode() in ("avxvnni", "avx2")
     torch.manual_seed(4)
-    for group in (32, 64, 128, None):
-        grid = gemv.PackedGrid(torch.randint(0, 16, (24, 384)), torch.rand(24, 1 if group is None else 384 // group),
-                               torch.rand(24, 1 if group is None else 384 // group) * 15, group)
-        for rows in (1, 3, 8):
-            x = torch.randn(rows, 384)
-            assert torch.allclose(grid(x, lib), grid(x), rtol=1e-5, atol=1e-4)
+    for bits in (1, 2, 3, 4):  # every layout's unpacking has its own AVX2 code
+        for group in (32, 64, 128, None):
+            groups = 1 if group is None else 384 // group
+            grid = gemv.PackedGrid(torch.randint(0, 1 << bits, (24, 384)), torch.rand(24, groups),
+                                   torch.rand(24, groups) * ((1 << bits) - 1), group)
+            assert grid.bits == bits
+            for rows in (1, 3, 8):
+                x = torch.randn(rows, 384)
+                assert torch.allclose(grid(x, lib), grid(x), rtol=1e-5, atol=1e-4), (bits, group, rows)
 
 
 def test_no_native_env_gives_the_torch_kernels_exactly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,23 @@
-// Low-bit GEMV/GEMM for affine grids w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]), codes q in 0..15.
+// Low-bit GEMV/GEMM for affine grids w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]), codes q of 1 to 4 bits.
 //
 // Built by hiercomp/layers/gemv.py with -O3 -march=native -fopenmp on first use; called through ctypes.
 //
-// Weight layout (made in gemv.py): llama.cpp's Q4_0 nibble order. The in-features are padded to Kp (a
-// multiple of 128) with code 0; per row, per block b of 32, 16 bytes: byte t = q[32b + t] | q[32b + 16 + t] << 4.
-// A 64-byte load is one "superchunk" of 4 blocks (128 codes): its low nibbles are the first halves of the
-// blocks, its high nibbles the second halves, and int32 lane i of a dot product over it (bytes 4i..4i+3)
-// belongs to block i / 4 for both halves, so both nibble halves accumulate into the same lanes.
+// The in-features are padded to Kp (a multiple of 128) with code 0 and cut into "superchunks" of 128 codes
+// (4 blocks of 32). Within a superchunk the codes are taken in "code order": index i < 64 is element i % 16 of
+// block i / 16 (the first halves of the 4 blocks), 64 + i element 16 + i % 16 of block i / 16 (the second
+// halves). Every layout below unpacks a superchunk into two 64-byte vectors of u8 codes, indices 0..63 and
+// 64..127; int32 lane j of a dot product over either (bytes 4j..4j+3) belongs to block j / 4, so both halves
+// accumulate into the same lanes, and the activation is stored in the same order. Per row, per superchunk
+// (made in gemv.py):
+//   4 bits, 64 bytes (llama.cpp's Q4_0 nibble order): byte t = q[t] | q[64 + t] << 4;
+//   2 bits, 32 bytes: byte t = q[t] | q[32 + t] << 2 | q[64 + t] << 4 | q[96 + t] << 6 (shifts and masks
+//     give each 32 bytes of the unpacked vectors: no shuffles);
+//   1 bit, 16 bytes, a bit plane: bit s of byte t = q[16 s + t] (a 16-byte load broadcast to the 4 lanes of a
+//     vector; lane L of the first vector tests bit L, of the second bit 4 + L);
+//   3 bits, 48 bytes: the low 2 bits in the 2-bit layout, then the high bit as a plane (llama.cpp's Q3_K
+//     split: q = low + 4 high), added into the unpacked low codes before the dot products.
+// A 2-bit layer so streams half the bytes of a 4-bit one and a 3-bit layer three quarters, for the same
+// integer dot products per superchunk.
 // Per (row, group): scale and zero, both float16 (integer zeros and HQQ's float16 zeros are exact there, and
 // their product in float32 is exact: 11 + 11 significant bits).
 //
@@ -16,7 +27,7 @@
 // output element: above the project's 1% contract for fast paths. The second level costs two more integer
 // dot products per 128 codes (measured 1.3-1.5x the compute of one level: a 128-token prefill 16 ms instead
 // of 12; decode from memory changes little) and makes the kernel ~100x more accurate than torch's bfloat16 one.
-// Both are stored in the nibble order (per superchunk: the first halves of its 4 blocks, then the second
+// Both are stored in the code order (per superchunk: the first halves of its 4 blocks, then the second
 // halves), so
 //     y[n] = Σ_g scale[n,g] Σ_{b∈g} d_b Σ_{k∈b} q[n,k] x̃[k]  -  Σ_g scale[n,g] zero[n,g] X_g,   X_g = Σ_{k∈g} x̃[k]
 // with x̃ the rounded activation. The group sums X_g are taken from x̃ (exact integer block sums): the result
@@ -53,9 +64,46 @@ static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
-static inline W wload(const uint8_t* p) {
+// One superchunk's codes from its BITS-bit layout (see the top): .lo codes 0..63, .hi codes 64..127.
+template <int BITS>
+static inline W wload(const uint8_t* p);
+template <>
+inline W wload<4>(const uint8_t* p) {
     const __m512i b = _mm512_loadu_si512((const void*)p), m = _mm512_set1_epi8(0x0F);
     return {_mm512_and_si512(b, m), _mm512_and_si512(_mm512_srli_epi16(b, 4), m)};
+}
+// The 32 bytes in both halves, the upper half shifted right by 2: bits 0..1 of each byte are then codes 0..63,
+// bits 4..5 codes 64..127 (16-bit shifts: what crosses a byte boundary is masked off).
+template <>
+inline W wload<2>(const uint8_t* p) {
+    const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+    const int64_t two = 0x0002000200020002;
+    const __m512i t = _mm512_srlv_epi16(b, _mm512_set_epi64(two, two, two, two, 0, 0, 0, 0));
+    const __m512i m = _mm512_set1_epi8(0x03);
+    return {_mm512_and_si512(t, m), _mm512_and_si512(_mm512_srli_epi16(t, 4), m)};
+}
+// A bit plane (16 bytes, bit s of byte t = code 16 s + t) as byte masks: lane L of .lo tests bit L, of .hi 4 + L.
+static inline void plane_masks(const uint8_t* p, __mmask64& lo, __mmask64& hi) {
+    const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    const int64_t l0 = 0x0101010101010101;
+    const __m512i bits = _mm512_set_epi64(8 * l0, 8 * l0, 4 * l0, 4 * l0, 2 * l0, 2 * l0, l0, l0);
+    lo = _mm512_test_epi8_mask(b, bits);
+    hi = _mm512_test_epi8_mask(b, _mm512_slli_epi64(bits, 4));
+}
+template <>
+inline W wload<1>(const uint8_t* p) {
+    __mmask64 lo, hi;
+    plane_masks(p, lo, hi);
+    const __m512i one = _mm512_set1_epi8(1);
+    return {_mm512_maskz_mov_epi8(lo, one), _mm512_maskz_mov_epi8(hi, one)};
+}
+template <>
+inline W wload<3>(const uint8_t* p) {
+    W w = wload<2>(p);
+    __mmask64 lo, hi;
+    plane_masks(p + 32, lo, hi);
+    const __m512i four = _mm512_set1_epi8(4);
+    return {_mm512_mask_add_epi8(w.lo, lo, w.lo, four), _mm512_mask_add_epi8(w.hi, hi, w.hi, four)};
 }
 static inline X xload(const int8_t* p) {
     return {_mm512_loadu_si512((const void*)p), _mm512_loadu_si512((const void*)(p + 64)),
@@ -102,11 +150,47 @@ static inline float vsum(V x) {
     t = _mm_add_ss(t, _mm_movehdup_ps(t));
     return _mm_cvtss_f32(t);
 }
-static inline W wload(const uint8_t* p) {
+// One superchunk's codes from its BITS-bit layout (see the top): .alo codes 0..31, .blo 32..63, .ahi 64..95,
+// .bhi 96..127.
+template <int BITS>
+static inline W wload(const uint8_t* p);
+template <>
+inline W wload<4>(const uint8_t* p) {
     const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 32));
     const __m256i m = _mm256_set1_epi8(0x0F);
     return {_mm256_and_si256(a, m), _mm256_and_si256(_mm256_srli_epi16(a, 4), m), _mm256_and_si256(b, m),
             _mm256_and_si256(_mm256_srli_epi16(b, 4), m)};
+}
+template <>
+inline W wload<2>(const uint8_t* p) {
+    const __m256i a = _mm256_loadu_si256((const __m256i*)p), m = _mm256_set1_epi8(0x03);
+    return {_mm256_and_si256(a, m), _mm256_and_si256(_mm256_srli_epi16(a, 4), m),
+            _mm256_and_si256(_mm256_srli_epi16(a, 2), m), _mm256_and_si256(_mm256_srli_epi16(a, 6), m)};
+}
+// Codes 32 v..32 v + 31 of a bit plane broadcast to both lanes: byte t takes bit 2 v + t / 16 of plane byte
+// t % 16, moved to bit POS by one 32-bit shift per lane (the bit stays within its byte) and masked.
+template <int VI, int POS>
+static inline __m256i plane_bits(__m256i b) {
+    constexpr int s = 2 * VI - POS;  // shift right in the lower lane; s + 1 in the upper one
+    __m256i r;
+    if constexpr (s >= 0) r = _mm256_srlv_epi32(b, _mm256_set_epi32(s + 1, s + 1, s + 1, s + 1, s, s, s, s));
+    else r = _mm256_sllv_epi32(b, _mm256_set_epi32(-s - 1, -s - 1, -s - 1, -s - 1, -s, -s, -s, -s));
+    return _mm256_and_si256(r, _mm256_set1_epi8(1 << POS));
+}
+static inline __m256i plane_load(const uint8_t* p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+}
+template <>
+inline W wload<1>(const uint8_t* p) {
+    const __m256i b = plane_load(p);
+    return {plane_bits<0, 0>(b), plane_bits<2, 0>(b), plane_bits<1, 0>(b), plane_bits<3, 0>(b)};
+}
+template <>
+inline W wload<3>(const uint8_t* p) {
+    const W w = wload<2>(p);
+    const __m256i b = plane_load(p + 32);
+    return {_mm256_or_si256(w.alo, plane_bits<0, 2>(b)), _mm256_or_si256(w.ahi, plane_bits<2, 2>(b)),
+            _mm256_or_si256(w.blo, plane_bits<1, 2>(b)), _mm256_or_si256(w.bhi, plane_bits<3, 2>(b))};
 }
 static inline X xload(const int8_t* p) {
     const __m256i* v = (const __m256i*)p;
@@ -138,10 +222,12 @@ static inline V lane_scales32(const uint16_t* p) {
 static inline V lane_scales64(const uint16_t* p) { return {_mm256_set1_ps(_cvtsh_ss(p[0])), _mm256_set1_ps(_cvtsh_ss(p[1]))}; }
 #endif
 
-constexpr int64_t SC = 128;  // codes per superchunk (64 bytes)
+constexpr int64_t SC = 128;  // codes per superchunk
+template <int BITS>
+constexpr int64_t BPS = 16 * BITS;  // bytes per superchunk of a row
 
 struct Args {
-    const uint8_t* w;       // (N, Kp/2) packed codes
+    const uint8_t* w;       // (N, Kp/128 * 16 bits) packed codes
     const uint16_t* scale;  // (N, G) float16
     const uint16_t* zero;   // (N, G) float16
     const int8_t* xq;       // (M, 2 Kp) quantized activation (q1 and q2 per superchunk), in the codes' order
@@ -149,6 +235,7 @@ struct Args {
     const float* xsum;      // (M, G): group sums of the quantized activation
     float* y;               // (M, N)
     int64_t N, Kp, G, cpg;  // cpg: superchunks per group (BIG groups)
+    int64_t rowbytes;       // bytes per row of w: Kp / 128 * BPS
 };
 
 // Σ_g scale[g] * zero[g] * xsum[g] for one row.
@@ -168,25 +255,26 @@ static inline float zero_term(const uint16_t* scale, const uint16_t* zero, const
     return acc + _mm_cvtss_f32(t);
 }
 
-// The RT rows of a tile are RT short streams (Kp / 2 bytes each): too short for the hardware prefetcher to
+// The RT rows of a tile are RT short streams (rowbytes each): too short for the hardware prefetcher to
 // reach full bandwidth from DRAM (measured 10 GB/s on one core without this, 24 GB/s with). While reading
-// superchunk c, fetch the matching share of the tile PF_TILES ahead.
+// superchunk c, fetch the matching share of the tile PF_TILES ahead (the tile's rows are contiguous: RT * BPS
+// bytes per superchunk, one prefetch per cache line).
 constexpr int PF_TILES = 2;
-template <int RT>
-static inline void prefetch(const uint8_t* w0, int64_t Kp, int64_t c) {
-    const uint8_t* p = w0 + PF_TILES * RT * (Kp / 2) + c * 64 * RT;
-    for (int i = 0; i < RT * 64; i += 64) _mm_prefetch((const char*)(p + i), _MM_HINT_T0);
+template <int RT, int64_t B>
+static inline void prefetch(const uint8_t* w0, int64_t rowbytes, int64_t c) {
+    const uint8_t* p = w0 + PF_TILES * RT * rowbytes + c * B * RT;
+    for (int64_t i = 0; i < RT * B; i += 64) _mm_prefetch((const char*)(p + i), _MM_HINT_T0);
 }
 
 // RT weight rows from n times MT activation rows from m: RT*MT independent accumulators.
-template <int RT, int MT, int GM>
+template <int BITS, int RT, int MT, int GM>
 static void tile(const Args& a, int64_t n, int64_t m) {
     const int64_t nsc = a.Kp / SC;
     const uint8_t* w[RT];
     const uint16_t* s[RT];
     const int8_t* xq[MT];
     const float* xd[MT];
-    for (int r = 0; r < RT; ++r) w[r] = a.w + (n + r) * (a.Kp / 2), s[r] = a.scale + (n + r) * a.G;
+    for (int r = 0; r < RT; ++r) w[r] = a.w + (n + r) * a.rowbytes, s[r] = a.scale + (n + r) * a.G;
     for (int i = 0; i < MT; ++i) xq[i] = a.xq + (m + i) * 2 * a.Kp, xd[i] = a.xd + (m + i) * (a.Kp / 8);
     V acc[RT][MT];
     for (int r = 0; r < RT; ++r)
@@ -196,8 +284,9 @@ static void tile(const Args& a, int64_t n, int64_t m) {
             W wv[RT];
             V sv[RT];
             for (int r = 0; r < RT; ++r)
-                wv[r] = wload(w[r] + c * 64), sv[r] = GM == G32 ? lane_scales32(s[r] + 4 * c) : lane_scales64(s[r] + 2 * c);
-            prefetch<RT>(w[0], a.Kp, c);
+                wv[r] = wload<BITS>(w[r] + c * BPS<BITS>),
+                sv[r] = GM == G32 ? lane_scales32(s[r] + 4 * c) : lane_scales64(s[r] + 2 * c);
+            prefetch<RT, BPS<BITS>>(w[0], a.rowbytes, c);
             for (int i = 0; i < MT; ++i) {
                 const X xv = xload(xq[i] + c * 2 * SC);
                 const V dv = vload(xd[i] + c * 16);
@@ -211,8 +300,8 @@ static void tile(const Args& a, int64_t n, int64_t m) {
                 for (int i = 0; i < MT; ++i) gacc[r][i] = vzero();
             for (int64_t c = g * a.cpg; c < (g + 1) * a.cpg; ++c) {
                 W wv[RT];
-                for (int r = 0; r < RT; ++r) wv[r] = wload(w[r] + c * 64);
-                prefetch<RT>(w[0], a.Kp, c);
+                for (int r = 0; r < RT; ++r) wv[r] = wload<BITS>(w[r] + c * BPS<BITS>);
+                prefetch<RT, BPS<BITS>>(w[0], a.rowbytes, c);
                 for (int i = 0; i < MT; ++i) {
                     const X xv = xload(xq[i] + c * 2 * SC);
                     const V dv = vload(xd[i] + c * 16);
@@ -232,14 +321,14 @@ static void tile(const Args& a, int64_t n, int64_t m) {
 }
 
 // Rows [n0, n1) against activation rows [m, m + MT): RT rows at a time, single rows for the rest.
-template <int RT, int MT, int GM>
+template <int BITS, int RT, int MT, int GM>
 static void rows(const Args& a, int64_t n0, int64_t n1, int64_t m) {
     int64_t n = n0;
-    for (; n + RT <= n1; n += RT) tile<RT, MT, GM>(a, n, m);
-    for (; n < n1; ++n) tile<1, MT, GM>(a, n, m);
+    for (; n + RT <= n1; n += RT) tile<BITS, RT, MT, GM>(a, n, m);
+    for (; n < n1; ++n) tile<BITS, 1, MT, GM>(a, n, m);
 }
 
-template <int GM>
+template <int BITS, int GM>
 static void block(const Args& a, int64_t n0, int64_t n1, int64_t M) {
     // Tiles fit the 32 zmm registers (AVX-512) / 16 ymm (AVX2: each V is two registers, so half the tile).
 #if defined(__AVX512F__)
@@ -248,15 +337,22 @@ static void block(const Args& a, int64_t n0, int64_t n1, int64_t M) {
     constexpr int R1 = 2, R2 = 1, R4 = 1;
 #endif
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows<R4, 4, GM>(a, n0, n1, m);
-    for (; m + 2 <= M; m += 2) rows<R2, 2, GM>(a, n0, n1, m);
-    for (; m < M; ++m) rows<R1, 1, GM>(a, n0, n1, m);
+    for (; m + 4 <= M; m += 4) rows<BITS, R4, 4, GM>(a, n0, n1, m);
+    for (; m + 2 <= M; m += 2) rows<BITS, R2, 2, GM>(a, n0, n1, m);
+    for (; m < M; ++m) rows<BITS, R1, 1, GM>(a, n0, n1, m);
 }
 
 // One activation row, per block of 32 with d = absmax / 127: q1 = round(x / d) and the residual
 // q2 = round((x / d - q1) * 128) in [-64, 64], so x ≈ d / 128 * (128 q1 + q2) (error ≤ absmax / 32512).
-// Zero past K. Stored in the nibble order: per superchunk the first halves of its 4 blocks, then the second
+// Zero past K. Stored in the code order: per superchunk the first halves of its 4 blocks, then the second
 // halves, for q1 (128 bytes) then q2 (128 bytes).
+template <int BITS>
+static void block_bits(const Args& a, int gm, int64_t n0, int64_t n1, int64_t M) {
+    if (gm == G32) block<BITS, G32>(a, n0, n1, M);
+    else if (gm == G64) block<BITS, G64>(a, n0, n1, M);
+    else block<BITS, BIG>(a, n0, n1, M);
+}
+
 static void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t blocks_per_group, int8_t* xq, float* xd,
                          float* xsum) {
     for (int64_t b = 0; b < Kp / 32; ++b) {
@@ -285,11 +381,13 @@ extern "C" {
 
 const char* hc_isa(void) { return HC_ISA; }
 
-// y (M, N) = x (M, K) @ W^T for the packed grid; group: 32, 64 or a multiple of 128 dividing Kp (G = Kp / group).
-// Scratch for the quantized activation is allocated here: M * (Kp * 2.5 + G * 4) bytes.
+// y (M, N) = x (M, K) @ W^T for the packed grid of `bits` (1..4: its layout, see the top); group: 32, 64 or a
+// multiple of 128 dividing Kp (G = Kp / group). Scratch for the quantized activation is allocated here:
+// M * (Kp * 2.5 + G * 4) bytes.
 int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale, const uint16_t* zero,
-            int64_t N, int64_t Kp, int64_t group, float* y, int nthreads) {
+            int64_t N, int64_t Kp, int64_t group, int bits, float* y, int nthreads) {
     if (M < 1 || Kp % SC || K > Kp || Kp % group || !(group == 32 || group == 64 || group % SC == 0)) return 1;
+    if (bits < 1 || bits > 4) return 1;
     const int64_t G = Kp / group;
     int8_t* xq = (int8_t*)malloc((size_t)(M * Kp * 2));
     float* xd = (float*)malloc((size_t)(M * Kp / 8) * sizeof(float));
@@ -301,21 +399,22 @@ int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16
     // Small layers: threads cost more than they save (a wake-up is ~10 µs); ~1 thread per 256K codes.
     const int64_t work = N * Kp * (M < 8 ? M : 8) / (1 << 18);
     const int nt = (int)(work < 1 ? 1 : (work < nthreads ? work : nthreads));
-    const Args a{w, scale, zero, xq, xd, xsum, y, N, Kp, G, group / SC};
+    const Args a{w, scale, zero, xq, xd, xsum, y, N, Kp, G, group / SC, Kp / SC * 16 * bits};
     const int gm = group == 32 ? G32 : group == 64 ? G64 : BIG;
     // Serial: ~1 µs per 2048 inputs, and a parallel loop here would add a barrier (on a shared machine each
     // barrier can wait a whole scheduler slice for a preempted thread).
     for (int64_t i = 0; i < M; ++i)
         quantize_row(x + i * K, K, Kp, group / 32, xq + i * 2 * Kp, xd + i * (Kp / 8), xsum + i * G);
-    // Blocks of 16 rows (16 * Kp / 2 bytes stay in L1/L2 across the activation tiles), handed out
+    // Blocks of 16 rows (16 rows of codes stay in L1/L2 across the activation tiles), handed out
     // dynamically: a thread preempted on a shared machine does not leave its static share to the end.
     const int64_t nblk = (N + 15) / 16;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t bi = 0; bi < nblk; ++bi) {
         const int64_t n0 = bi * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
-        if (gm == G32) block<G32>(a, n0, n1, M);
-        else if (gm == G64) block<G64>(a, n0, n1, M);
-        else block<BIG>(a, n0, n1, M);
+        if (bits == 1) block_bits<1>(a, gm, n0, n1, M);
+        else if (bits == 2) block_bits<2>(a, gm, n0, n1, M);
+        else if (bits == 3) block_bits<3>(a, gm, n0, n1, M);
+        else block_bits<4>(a, gm, n0, n1, M);
     }
     free(xq), free(xd), free(xsum);
     return 0;

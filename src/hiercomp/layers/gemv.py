@@ -2,9 +2,11 @@
 
 torch's CPU int4 kernel takes bfloat16 activations and dequantizes every weight to float; for one token that
 leaves it far from memory bandwidth. gemv.cpp instead rounds the activation to int8 per block of 32 (llama.cpp's
-Q8_0, plus a second int8 for the residual: ~15 bits) and takes integer dot products of the 4-bit codes with it
-(AVX512-VNNI, else AVX2), so a batch-1 forward streams the packed codes once. See gemv.cpp for the layout
-and the arithmetic.
+Q8_0, plus a second int8 for the residual: ~15 bits) and takes integer dot products of the codes with it
+(AVX512-VNNI, else AVX2), so a batch-1 forward streams the packed codes once. Codes are held in the narrowest
+of four layouts their range fits (:func:`layout_bits`): 4 bits (Q4_0's nibbles), 2 bits (four per byte), 3 bits
+(the 2-bit layout plus a high bit plane, like Q3_K) and 1 bit (a bit plane), so a 2-bit layer holds and streams
+half the bytes of a 4-bit one. See gemv.cpp for the layouts and the arithmetic.
 
 The library is built with the host compiler (``g++ -O3 -march=native -fopenmp``) into
 ``$HIERCOMP_CACHE`` (default ``~/.cache/hiercomp/kernels/``), named by a hash of the source, the flags, the
@@ -31,8 +33,10 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 CHUNK = 128  # the packed layout pads the in-features to a multiple of this (gemv.cpp's superchunk)
-BLOCK = 32  # the activation's int8 block, and the nibble layout's block (16 bytes)
+BLOCK = 32  # the activation's int8 block
 MAX_CODE = 15
+LAYOUTS = (1, 2, 3, 4)  # bits per code of the packed layouts
+PACK_ROWS = 1024  # rows packed (and unpacked) at a time: the temporaries stay small next to the packed codes
 
 
 def _cpu_flags() -> str:
@@ -81,7 +85,7 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler, FLAGS + extra_flags)))
     lib.hc_isa.restype = ctypes.c_char_p
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.hc_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.hc_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.hc_gemm.restype = ctypes.c_int
     return lib
 
@@ -130,24 +134,93 @@ def supports(in_features: int, group_size: int | None) -> bool:
     return in_features % group_size == 0 and (group_size in (32, 64) or group_size % CHUNK == 0)
 
 
-class PackedGrid:
-    """An affine grid of codes 0..15 in gemv.cpp's layout: ``y = x @ (scale * (codes - zero))ᵀ``."""
+def layout_bits(max_code: int) -> int:
+    """The narrowest layout for codes ``0..max_code``: 1, 2, 3 or 4 bits (ValueError above 15)."""
+    for bits in LAYOUTS:
+        if max_code < 1 << bits:
+            return bits
+    raise ValueError(f"codes up to {max_code} do not fit the native layouts (4 bits at most)")
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> None:
+
+def _code_order(q: torch.Tensor) -> torch.Tensor:
+    """(rows, padded) codes -> (rows, superchunks, 128) in gemv.cpp's code order: per superchunk the first
+    halves of its 4 blocks of 32, then their second halves."""
+    rows = q.shape[0]
+    return q.view(rows, -1, 4, 2, BLOCK // 2).transpose(2, 3).reshape(rows, -1, CHUNK)
+
+
+def _natural_order(s: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_code_order`: (rows, superchunks, 128) -> (rows, padded)."""
+    rows = s.shape[0]
+    return s.view(rows, -1, 2, 4, BLOCK // 2).transpose(2, 3).reshape(rows, -1)
+
+
+def _shift_pack(s: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, sc, 128) codes of ``width`` bits -> (rows, sc, 16 width) bytes: byte t holds codes
+    t, n + t, 2n + t, ... (n = 16 width) at bits 0, width, 2 width, ... (width 4: Q4_0's nibbles; 2: the 2-bit
+    layout; 1: a bit plane)."""
+    parts = s.view(*s.shape[:2], 8 // width, 16 * width)
+    out = parts[:, :, 0].clone()
+    for j in range(1, 8 // width):
+        out |= parts[:, :, j] << (j * width)
+    return out
+
+
+def _shift_unpack(b: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of :func:`_shift_pack`."""
+    mask = (1 << width) - 1
+    return torch.cat([(b >> (j * width)) & mask for j in range(8 // width)], dim=2)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, padded) uint8 codes -> (rows, padded / 128 * 16 bits) bytes in gemv.cpp's ``bits`` layout."""
+    s = _code_order(q)
+    if bits == 3:  # low 2 bits in the 2-bit layout, then the high bit as a plane: 48 bytes per superchunk
+        packed = torch.cat([_shift_pack(s & 3, 2), _shift_pack(s >> 2, 1)], dim=2)
+    else:
+        packed = _shift_pack(s, bits)
+    return packed.reshape(q.shape[0], -1)
+
+
+def _unpack(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`_pack`."""
+    b = b.view(b.shape[0], -1, 16 * bits)
+    if bits == 3:
+        s = _shift_unpack(b[:, :, :32], 2) | (_shift_unpack(b[:, :, 32:], 1) << 2)
+    else:
+        s = _shift_unpack(b, bits)
+    return _natural_order(s)
+
+
+class PackedGrid:
+    """An affine grid of codes 0..15 in gemv.cpp's layouts: ``y = x @ (scale * (codes - zero))ᵀ``.
+
+    ``bits`` (1-4) picks the layout; by default the narrowest the codes' range fits (:func:`layout_bits`), so a
+    2-bit grid holds a quarter byte per code and a 3-bit grid three eighths."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
+                 bits: int | None = None) -> None:
         out_features, in_features = codes.shape
-        if not supports(in_features, group_size) or int(codes.min()) < 0 or int(codes.max()) > MAX_CODE:
+        low, high = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+        if not supports(in_features, group_size) or low < 0 or high > MAX_CODE:
             raise ValueError("this grid does not fit the native layout")
+        bits = layout_bits(high) if bits is None else bits
+        if bits not in LAYOUTS or high >= 1 << bits:
+            raise ValueError(f"codes up to {high} do not fit a {bits}-bit layout")
+        self.bits = bits
         self.in_features, self.out_features = in_features, out_features
         self.padded = -(-in_features // CHUNK) * CHUNK
         per_channel = group_size is None or group_size == in_features
         self.group = self.padded if per_channel else group_size
         groups = self.padded // self.group
-        # Padding gets code 0 and, for groups of 32 or 64, groups of scale 0. Per block of 32, 16 bytes:
-        # byte t = q[t] | q[16 + t] << 4 (llama.cpp's Q4_0 order).
-        q = torch.zeros(out_features, self.padded, dtype=torch.uint8)
-        q[:, :in_features] = codes
-        q = q.view(out_features, -1, 2, BLOCK // 2)
-        self.packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(out_features, self.padded // 2).contiguous()
+        # Padding gets code 0 and, for groups of 32 or 64, groups of scale 0. Packed a slice of rows at a time so
+        # that loading a model holds little more than its packed codes (no full-size uint8 copy).
+        self.packed = torch.empty(out_features, self.padded // CHUNK * 16 * bits, dtype=torch.uint8)
+        for a in range(0, out_features, PACK_ROWS):
+            b = min(a + PACK_ROWS, out_features)
+            q = torch.zeros(b - a, self.padded, dtype=torch.uint8)
+            q[:, :in_features] = codes[a:b]
+            self.packed[a:b] = _pack(q, bits)
         scale32 = torch.zeros(out_features, groups)
         zero32 = torch.zeros(out_features, groups)
         scale32[:, : scale.shape[1]] = scale.float()
@@ -158,9 +231,10 @@ class PackedGrid:
 
     def codes(self) -> torch.Tensor:
         """The integer codes (out, in) back, exactly."""
-        packed = self.packed.view(self.out_features, -1, BLOCK // 2)
-        q = torch.stack([packed & 0xF, packed >> 4], dim=2).reshape(self.out_features, self.padded)
-        return q[:, : self.in_features].to(torch.int32)
+        if not self.out_features:
+            return torch.zeros(0, self.in_features, dtype=torch.int32)
+        return torch.cat([_unpack(self.packed[a : a + PACK_ROWS], self.bits)[:, : self.in_features].to(torch.int32)
+                          for a in range(0, self.out_features, PACK_ROWS)], dim=0)
 
     def __call__(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
         """``x (M, in) @ weightᵀ`` in float32 (``lib``: a variant from :func:`build_library`)."""
@@ -171,7 +245,7 @@ class PackedGrid:
         if x.shape[0] == 0:
             return y
         rc = lib.hc_gemm(x.data_ptr(), x.shape[0], self.in_features, self.packed.data_ptr(), self.scale.data_ptr(),
-                         self.zero.data_ptr(), self.out_features, self.padded, self.group, y.data_ptr(),
+                         self.zero.data_ptr(), self.out_features, self.padded, self.group, self.bits, y.data_ptr(),
                          torch.get_num_threads())
         if rc:
             raise RuntimeError(f"hc_gemm failed ({rc})")

@@ -6,7 +6,8 @@ form; the forward then never builds the dense float32 weight:
 
 - integer grids of 1-4 bits whose in-features are a multiple of 32, with groups of 32, 64, a multiple of 128 or
   per channel: the native kernel (gemv.cpp, compiled on first use: see :mod:`hiercomp.layers.gemv`). It rounds
-  the activation to two int8 levels per block of 32 and takes integer dot products with the 4-bit codes
+  the activation to two int8 levels per block of 32 and takes integer dot products with the codes, held at
+  their own width (1-, 2-, 2+1- or 4-bit layouts, so a 2-bit layer streams half a 4-bit one's bytes)
   (AVX512-VNNI / AVX2), for every batch size: one token streams the codes near memory bandwidth, and a
   128-token prefill measured faster than torch's int4 kernel and as fast as dequantizing tiles to bfloat16
   (benchmarks/gemv_layer.py), without the tile's memory.
@@ -196,12 +197,17 @@ class Int8Kernel(Kernel):
 
 
 class NativeLowBitKernel(Kernel):
-    """An affine grid with codes 0..15 on the native kernel (gemv.cpp): int8 activations, integer dot products."""
+    """An affine grid with codes 0..15 on the native kernel (gemv.cpp): int8 activations, integer dot products.
+
+    The codes are held in the narrowest layout that takes them (``bits``, default: from their range): 4, 3, 2 or
+    1 bits per code, so a 2-bit grid holds (and a decode step streams) half the bytes of a 4-bit one. The name
+    stays ``native4`` for every layout (the kernel family: runtime reports and tests key on it)."""
 
     name = "native4"
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> None:
-        self.grid = gemv.PackedGrid(codes, scale, zero, group_size)
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
+                 bits: int | None = None) -> None:
+        self.grid = gemv.PackedGrid(codes, scale, zero, group_size, bits)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.grid.packed, self.grid.scale, self.grid.zero]
@@ -230,7 +236,9 @@ def affine_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """The fastest kernel for ``scale * (codes - zero)`` per (row, group): native where it fits, then int4,
     else int8."""
     if native_fits(codes, group_size, bits):
-        return NativeLowBitKernel(codes, scale, zero, group_size)
+        # The grid's bit width picks the layout (a 2-bit grid: four codes per byte); a 4-bit grid whose codes all
+        # fall in 0..7 would fit the 3-bit one too, but stays on the cheaper-to-unpack nibbles.
+        return NativeLowBitKernel(codes, scale, zero, group_size, bits)
     if bits <= 4 and int4_group(codes.shape[0], codes.shape[1], group_size) is not None:
         return Int4Kernel(codes, scale, zero, group_size)
     return Int8Kernel(codes, scale, zero, group_size, bits)
