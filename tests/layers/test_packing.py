@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hiercomp.layers import QuantizedLinear, SparseLinear
-from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
+from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits, unpack_rows_uint8
 from hiercomp.methods import make_method
 from hiercomp.quant.grid import QuantGrid, fit_grid, quantize_weight
 
@@ -24,6 +24,16 @@ def test_pack_unpack_round_trip_any_width(bits, count, seed):
     assert packed.dtype == torch.uint8
     assert packed.numel() == packed_nbytes(count, bits) == math.ceil(count * bits / 8)
     assert torch.equal(unpack_bits(packed, bits, count), codes.to(torch.int32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 40), cols=st.sampled_from([8, 16, 24, 36, 64]),
+       chunk=st.integers(1, 9), seed=st.integers(0, 1000))
+def test_unpack_rows_in_chunks_equals_unpacking_at_once(bits, rows, cols, chunk, seed):
+    """Row blocks start on whole bytes (or fall back to one unpack for widths that do not): same codes."""
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    got = unpack_rows_uint8(pack_bits(codes.reshape(-1), bits), bits, rows, cols, chunk=chunk)
+    assert got.dtype == torch.uint8 and torch.equal(got, codes.to(torch.uint8))
 
 
 def test_pack_rejects_out_of_range_codes():

@@ -36,6 +36,9 @@ CHUNK = 128  # the packed layout pads the in-features to a multiple of this (gem
 BLOCK = 32  # the activation's int8 block
 MAX_CODE = 15
 LAYOUTS = (1, 2, 3, 4)  # bits per code of the packed layouts
+# Products smaller than this many weight x token multiply-adds run on one thread: a parallel region costs more
+# than it saves on such small layers (SmolLM2's 576-wide layers decoded 25-30% slower on 2 threads than on one).
+PARALLEL_MIN = int(os.environ.get("HIERCOMP_GEMV_PARALLEL_MIN", 4 << 20))
 PACK_ROWS = 1024  # rows packed (and unpacked) at a time: the temporaries stay small next to the packed codes
 
 
@@ -244,9 +247,11 @@ class PackedGrid:
         y = torch.empty(x.shape[0], self.out_features)
         if x.shape[0] == 0:
             return y
+        small = x.shape[0] * self.out_features * self.padded < PARALLEL_MIN
+        threads = 1 if small else torch.get_num_threads()
         rc = lib.hc_gemm(x.data_ptr(), x.shape[0], self.in_features, self.packed.data_ptr(), self.scale.data_ptr(),
                          self.zero.data_ptr(), self.out_features, self.padded, self.group, self.bits, y.data_ptr(),
-                         torch.get_num_threads())
+                         threads)
         if rc:
             raise RuntimeError(f"hc_gemm failed ({rc})")
         return y

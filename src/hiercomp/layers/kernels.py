@@ -311,7 +311,7 @@ class DenseKernel(Kernel):
 # -- selection ---------------------------------------------------------------------------------------------
 
 def _quantized_kernel(layer: Any) -> Kernel:
-    return affine_kernel(layer.codes(), layer.scales, layer.zeros(), layer.grid.group_size, layer.grid.bits)
+    return affine_kernel(layer.codes_uint8(), layer.scales, layer.zeros(), layer.grid.group_size, layer.grid.bits)
 
 
 def _hlq_kernel(layer: Any) -> Kernel:

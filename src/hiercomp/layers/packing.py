@@ -71,3 +71,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     code_shifts = torch.arange(8, dtype=torch.int64, device=data.device) * bits
     codes = ((words.unsqueeze(1) >> code_shifts) & (2**bits - 1)).reshape(-1)[:count]
     return codes.to(torch.int32)
+
+
+def unpack_rows_uint8(packed: torch.Tensor, bits: int, rows: int, cols: int, chunk: int = 1024) -> torch.Tensor:
+    """The (rows, cols) codes of :func:`pack_bits` output as uint8, unpacked ``chunk`` rows at a time: a kernel
+    built from a large layer (a 49152-row output head) then never holds the int32 codes and their shifted
+    temporaries (~10 bytes per weight) at once. Rows start on whole bytes (and on whole 8-code runs for 3/5/6/7
+    bits) when ``cols * bits`` is a multiple of 8 and ``cols`` a multiple of 8; otherwise it unpacks in one go."""
+    if bits > 8:
+        raise ValueError("codes wider than 8 bits do not fit uint8")
+    if (cols * bits) % 8 or cols % 8:
+        return unpack_bits(packed, bits, rows * cols).view(rows, cols).to(torch.uint8)
+    flat = packed.reshape(-1)
+    row_bytes = cols * bits // 8
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    for a in range(0, rows, chunk):
+        b = min(a + chunk, rows)
+        out[a:b] = unpack_bits(flat[a * row_bytes : b * row_bytes], bits, (b - a) * cols).view(b - a, cols)
+    return out
+

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hiercomp.layers.base import CompressedLinear, register_layer
-from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
+from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits, unpack_rows_uint8
 from hiercomp.quant.grid import SCALE_BITS, SCALE_DTYPE, QuantGrid, dequantize_weight
 
 ZERO_FORMATS = ("int", "fp16")
@@ -65,6 +65,13 @@ class QuantizedLinear(CompressedLinear):
         return unpack_bits(self.qweight, self.grid.bits, self.out_features * self.in_features).view(
             self.out_features, self.in_features
         )
+
+    def codes_uint8(self) -> torch.Tensor:
+        """The codes as uint8 (bits ≤ 8), unpacked a block of rows at a time: what kernels are built from, at a
+        tenth of the transient memory of :meth:`codes`."""
+        if self.released():
+            return self.kernel.codes().to(torch.uint8)
+        return unpack_rows_uint8(self.qweight, self.grid.bits, self.out_features, self.in_features)
 
     # -- the fast runtime keeps the codes once, in the kernel's form -----------------------------------
     def released(self) -> bool:
