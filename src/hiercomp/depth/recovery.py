@@ -105,7 +105,7 @@ def recover(
     try:
         losses = distill(student, teacher, calibration, [{"params": trainable, "lr": config.lr}], steps=config.steps,
                          batch_size=config.batch_size, seed=config.seed, encoder=encoder, progress=progress,
-                         desc="recovery distillation")
+                         desc="recovery distillation").losses
     finally:
         for p in student.parameters():
             p.requires_grad_(was_trainable[id(p)])
