@@ -10,7 +10,9 @@ step of hiercomp's fast runtime (2 threads, batch 1, a 128-token prompt of rando
   and values by concatenation; rotary embeddings concatenate halves); ``other ops``, every other aten op outside
   the kernels (norms, rotary, SiLU, residual adds, views); ``Python``, the rest (module calls, dispatch). Each
   part's share comes from a bare loop under torch.profiler with every kernel call a named range (the median share
-  of three runs), applied to the uninstrumented loop's time.
+  of three runs), applied to the uninstrumented loop's time;
+- ``llama.cpp Q4_0``: llama.cpp (llama-cpp-python in its own venv) on hiercomp's GGUF export of the same model
+  quantized to 4-bit groups of 32, symmetric, the head too (Q4_0 exactly), in the same run, best of 3.
 
     nice -n 10 python benchmarks/decode_breakdown.py           # ~3 minutes; writes results/decode_breakdown.md
     python benchmarks/decode_breakdown.py --render             # rewrite the .md from decode_breakdown_raw.json
@@ -29,7 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, machine, markdown_table  # noqa: E402
-from runtime import PROMPT, THREADS, WORK, compressed, random_llama  # noqa: E402
+from runtime import (  # noqa: E402
+    LLAMACPP_PY,
+    PROMPT,
+    THREADS,
+    WORK,
+    compressed,
+    gguf_export,
+    random_llama,
+    run_worker,
+)
 
 NEW = 64  # decode steps timed per measurement
 RAW = RESULTS / "decode_breakdown_raw.json"
@@ -119,6 +130,29 @@ def split(events, loop_s: float) -> dict:
             "calls": sum(1 for e in decode if e.name == KERNEL_RANGE)}
 
 
+def llama_cpp_ms(source: Path, vocab: int) -> dict:
+    """llama.cpp's ms per new token on hiercomp's Q4_0 export of the same model (RTN 4-bit g32 symmetric, the head
+    too), in this run, as runtime.py runs it (its own venv, 2 threads)."""
+    if not LLAMACPP_PY.is_file():
+        return {"llama_cpp_note": f"no llama.cpp venv at {LLAMACPP_PY}"}
+    folder = compressed(source, 4, 32, True, WORK / f"{source.name}-rtn4-g32-sym-head", head=True)
+    gguf, why = gguf_export(folder, WORK / f"{folder.name}.gguf")
+    if gguf is None:
+        return {"llama_cpp_note": why}
+    best = None
+    for _ in range(3):
+        result = run_worker({"kind": "llamacpp", "path": str(gguf), "vocab": vocab, "prompt": PROMPT, "new": NEW + 1},
+                            str(LLAMACPP_PY))
+        if "decode_tok_s" in result:
+            ms = 1000 / result["decode_tok_s"]
+            best = ms if best is None else min(best, ms)
+    version = subprocess.run([str(LLAMACPP_PY), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+    if best is None:
+        return {"llama_cpp_note": result.get("error", "failed")}
+    return {"llama_cpp_ms": best, "llama_cpp_version": version}
+
+
 def main() -> None:
     from hiercomp.io.builtin import smollm2_dir
 
@@ -126,22 +160,31 @@ def main() -> None:
         print(json.dumps(breakdown(Path(sys.argv[2]), int(sys.argv[3]))))
         return
     WORK.mkdir(exist_ok=True)
-    models = [("random Llama 2048/5632×8, RTN 4-bit g128 asym, head 4-bit", random_llama(WORK / "llama"), 128,
-               32000),
-              ("SmolLM2-135M, RTN 4-bit g64 asym, head 4-bit", smollm2_dir(), 64, 49152)]
+    llama = random_llama(WORK / "llama")
+    # (label, source, group, symmetric, vocab); the g32 symmetric rows hold exactly the weights of llama.cpp's Q4_0
+    models = [("random Llama 2048/5632×8, RTN 4-bit g128 asym, head 4-bit", llama, 128, False, 32000),
+              ("random Llama 2048/5632×8, RTN 4-bit g32 sym (= the Q4_0 file), head 4-bit", llama, 32, True, 32000),
+              ("SmolLM2-135M, RTN 4-bit g64 asym, head 4-bit", smollm2_dir(), 64, False, 49152)]
     rows = json.loads(RAW.read_text()) if "--render" in sys.argv else []
-    for label, source, group, vocab in [] if rows else models:
-        folder = compressed(source, 4, group, False, WORK / f"{source.name}-rtn4-g{group}-head", head=True)
+    peer: dict[str, dict] = {}
+    for label, source, group, symmetric, vocab in [] if rows else models:
+        kind = "sym" if symmetric else "asym"
+        folder = compressed(source, 4, group, symmetric, WORK / f"{source.name}-rtn4-g{group}-{kind}-head", head=True)
         print(label, "...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", str(folder), str(vocab)], capture_output=True,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         if proc.returncode or not lines:
             raise SystemExit(proc.stderr[-3000:])
-        rows.append({"model": label, **json.loads(lines[-1])})
+        if source.name not in peer:
+            peer[source.name] = llama_cpp_ms(source, vocab)
+        rows.append({"model": label, **json.loads(lines[-1]), **peer[source.name]})
         print(rows[-1], file=sys.stderr, flush=True)
     if "--render" not in sys.argv:
         RAW.write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        if row.get("llama_cpp_ms"):
+            row["gap"] = row["generate_ms"] / row["llama_cpp_ms"]
     f2 = "{:.2f}".format
     text = "\n".join([
         "# Where a 4-bit decode step goes", "",
@@ -153,7 +196,8 @@ def main() -> None:
                               ("kernel_ms", "kernels", f2),
                               ("attention_ms", "attention", f2), ("cat_ms", "cache cat", f2),
                               ("other_ms", "other ops", f2), ("python_ms", "Python", f2),
-                              ("kernel_calls", "kernel calls / token", "{:.0f}".format)]),
+                              ("kernel_calls", "kernel calls / token", "{:.0f}".format),
+                              ("llama_cpp_ms", "llama.cpp Q4_0", f2), ("gap", "generate / llama.cpp", f2)]),
         "", READING])
     (RESULTS / "decode_breakdown.md").write_text(text + "\n")
     print(text)

@@ -259,7 +259,10 @@ static inline float zero_term(const uint16_t* scale, const uint16_t* zero, const
 // reach full bandwidth from DRAM (measured 10 GB/s on one core without this, 24 GB/s with). While reading
 // superchunk c, fetch the matching share of the tile PF_TILES ahead (the tile's rows are contiguous: RT * BPS
 // bytes per superchunk, one prefetch per cache line).
-constexpr int PF_TILES = 2;
+#ifndef HC_PF_TILES
+#define HC_PF_TILES 2
+#endif
+constexpr int PF_TILES = HC_PF_TILES;
 template <int RT, int64_t B>
 static inline void prefetch(const uint8_t* w0, int64_t rowbytes, int64_t c) {
     const uint8_t* p = w0 + PF_TILES * RT * rowbytes + c * B * RT;
@@ -405,12 +408,20 @@ int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16
     // barrier can wait a whole scheduler slice for a preempted thread).
     for (int64_t i = 0; i < M; ++i)
         quantize_row(x + i * K, K, Kp, group / 32, xq + i * 2 * Kp, xd + i * (Kp / 8), xsum + i * G);
-    // Blocks of 16 rows (16 rows of codes stay in L1/L2 across the activation tiles), handed out
-    // dynamically: a thread preempted on a shared machine does not leave its static share to the end.
-    const int64_t nblk = (N + 15) / 16;
+    // Blocks of rows handed out dynamically, about a quarter of each thread's share (16 to 256 rows): long
+    // enough that each core reads one long stream (cold weights, 2 threads: 16-row blocks streamed 25-29 GB/s,
+    // these 33-42 GB/s; a 49152x576 head 749 -> 443 us), and four per thread, so that a thread preempted on a
+    // shared machine does not leave a whole static share to the end. HC_BLOCK_ROWS fixes the size (tests).
+#ifdef HC_BLOCK_ROWS
+    const int64_t br = HC_BLOCK_ROWS;
+#else
+    int64_t br = (N / (4 * nt) + 15) / 16 * 16;
+    br = br < 16 ? 16 : br > 256 ? 256 : br;
+#endif
+    const int64_t nblk = (N + br - 1) / br;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t bi = 0; bi < nblk; ++bi) {
-        const int64_t n0 = bi * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+        const int64_t n0 = bi * br, n1 = n0 + br < N ? n0 + br : N;
         if (bits == 1) block_bits<1>(a, gm, n0, n1, M);
         else if (bits == 2) block_bits<2>(a, gm, n0, n1, M);
         else if (bits == 3) block_bits<3>(a, gm, n0, n1, M);
