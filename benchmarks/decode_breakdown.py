@@ -207,29 +207,31 @@ def main() -> None:
 READING = """\
 ## Reading
 
-* **Random Llama: the kernels are most of the step, and slower than llama.cpp's whole step.** 7.46 of 10.88 ms
-  (69%) go to the native kernels, which read the 230 MB of 4-bit weights (runtime.md's "MB read/token") at
-  31 GB/s. llama.cpp reads its 235 MB Q4_0 file in 5.85 ms a token (runtime.md: 171 tok/s, 40 GB/s). With
-  nothing around our kernels we would still be 1.3x behind it. The 3.4 ms around them (Python module calls 2.0,
-  other ops 0.9, cache concatenation 0.4, attention 0.3) make it 1.9x (2.0x through `generate`).
-* **SmolLM2: the step is mostly around the kernels.** The kernels take 4.48 of 11.29 ms over 211 calls, about
-  21 us a call, and most of that is a fixed cost on 576-wide layers. Python takes 3.7 ms, other ops 1.6, cache
-  concatenation 1.1 and attention 0.4. llama.cpp's whole step, 4.2 ms (240 tok/s), is shorter than our kernel
-  time alone.
-* **The single-layer benchmark flatters the kernel.** gemv_layer.md and runtime.md time one 5632x2048 layer at
-  0.14 ms, about 44 GB/s, with its 6 MB of weights in the cache. Cold, inside the model, the same kernels stream at
-  31 GB/s.
-* **What would close the gap, in order of size:**
-  1. A kernel that streams cold weights at llama.cpp's rate (prefetch distance and thread split tuned on cold
-     data, not hot).
-  2. Fewer calls: q/k/v as one product and gate/up as one, which cuts 7 calls a block to 4 (SmolLM2: 211 to 121).
-  3. A captured or compiled decode step for the Python and the small ops. It was not tried here: the native kernel
-     is a ctypes call, which torch.compile would have to treat as an opaque custom op.
+* **Random Llama, 4-bit g128 with the head: 1.57x llama.cpp in this run, 1.2-1.6x across runs.** Through
+  `generate` a token takes 9.29 ms (108 tok/s); llama.cpp takes 5.91 ms (169 tok/s) on the Q4_0 export. An
+  earlier run the same hour measured 11.00 against 8.91 ms (1.23x): llama.cpp's own time moved by half between
+  runs on this shared machine. The kernels take 6.26 ms (65% of the bare loop). They stream the 230 MB of weights
+  a step reads at 37 GB/s, near llama.cpp's 40 GB/s over its whole step. The gap is the 3.4 ms around them:
+  Python module calls 2.0, other ops 0.9, cache concatenation 0.4, attention 0.3.
+* **On the Q4_0 file's own weights (g32 symmetric): 2.1x.** 12.46 ms against 5.91. Our g32 layout keeps a
+  float16 zero per group even when it is symmetric (0.625 bytes a weight against Q4_0's 0.5625) and converts a
+  scale for every 32 lanes, so its kernels take 8.25 ms.
+* **SmolLM2, 4-bit g64 with the head: 3.0x** (15.03 against 5.04 ms). The kernels take 6.2 ms over 211 calls,
+  about 30 us a call, mostly fixed cost on 576-wide layers. Python around them takes 5.9 ms. llama.cpp's whole step
+  is shorter than our kernels alone.
+* **What this run's kernel change did.** Rows are now handed to the threads in blocks of a quarter of each thread's
+  share (up to 256 rows) instead of 16, so each core reads one long stream. On 2 cores, 40 cold 5632x2048 layers
+  went from 25-29 to 33-42 GB/s, and the 49152x576 head from 749 to 443 us. The random Llama's kernels went from
+  7.46 to 6.26 ms a token (the run before the change: 7.46 of 10.88 ms).
+* **What would close the rest:**
+  - fewer calls (q/k/v as one product and gate/up as one: 7 calls a block to 4);
+  - a captured or compiled decode step for the Python and the small ops (the native kernel is a ctypes call, which
+    torch.compile would need as an opaque custom op);
+  - a symmetric g32 layout without zeros.
 * **Tried, no gain:**
-  - A static cache instead of the DynamicCache was slower (15.7 against 13.9 ms a token, random Llama, 1 thread,
-    shared machine).
-  - Letting the small SmolLM2 products use both threads (`HIERCOMP_GEMV_PARALLEL_MIN=0`) was within the run-to-run
-    spread (12.2-15.1 against 11.9-13.4 ms).
+  - a static cache instead of the DynamicCache: 15.7 against 13.9 ms (random Llama, 1 thread, shared machine);
+  - both threads on SmolLM2's small products (`HIERCOMP_GEMV_PARALLEL_MIN=0`): within the spread (12.2-15.1
+    against 11.9-13.4 ms).
 """
 
 if __name__ == "__main__":

@@ -547,38 +547,48 @@ def main() -> None:
 READING = """
 ## Reading: where we stand against issue 10's goals
 
-What changed since the last table: a native kernel (`layers/gemv.cpp`, compiled on first use) computes every
-1-4-bit grid with int8 activations and integer dot products, 2- and 3-bit codes held at their own width; the
-GGUF export keeps a compressed output head of a tied model; rows with the output head quantized too.
+What changed since the previous table (same script, same machine, 2026-12-07 morning):
+- The native kernel hands rows to its threads in blocks of a quarter of each thread's share (up to 256 rows)
+  instead of 16. Each core so reads one long stream of cold weights: 25-29 GB/s became 33-42 GB/s on 2 cores
+  (decode_breakdown.md).
+- torchao's rows are measured again (torchao 0.18.0 in its own venv).
+- llama-cpp-python is 0.3.36.
 
-**Run-to-run spread is large here.** A first full run of this script 25 minutes earlier (same machine, before the
-two last kernel changes: uint8 codes at load and one thread for small products) gave SmolLM2 fp32 17.6 tok/s,
-4-bit 31.9, 4-bit with the head 66.4, llama.cpp Q4_0 132.3; random Llama fp32 10.7, 4-bit 39.5, 4-bit with the
-head 63.3, llama.cpp Q4_0 66.7. Back-to-back runs of one SmolLM2 4-bit model on 2 threads ranged 30-46 tok/s.
-Every row takes both threads (tok per CPU-s is half the tok/s: OpenMP threads spin between ops), so any other
-work on the 2 cores shows at once. Read the ratios below to ±30%.
+**Run-to-run spread is large here.** The previous run of this script measured: SmolLM2 fp32 24.3 tok/s, 4-bit
+43.2, 4-bit with the head 47.8, llama.cpp Q4_0 113.6 / 240.0; random Llama fp32 9.4, 4-bit 34.6, with the head
+73.2, llama.cpp Q4_0 72.8 / 171.1. decode_breakdown.py timed llama.cpp's random-Llama step at 5.9 and at 8.9 ms in
+two runs the same hour. Every row takes both threads, so any other work on the 2 cores shows at once. Read the
+ratios below to ±30%.
 
-* **4-bit decode ≥ 2.5× fp32: met on the random Llama, met on SmolLM2 only with the output head quantized in one
-  of two runs.** Random Llama 2048/5632×8: 4-bit 34.6 tok/s = 3.68× fp32 (first run 3.70×); with the output head
-  4-bit too, 73.2 = 7.8× (5.9×). SmolLM2-135M: 4-bit 43.2 = 1.78× (1.81×): its tied 49152×576 output head in
-  float32 is 113 of the 182 MB read per token; with the head 4-bit, 47.8 = 1.97× here and 66.4 = 3.78× in the
-  first run. Per layer the native kernel takes 0.14 ms for one token through a 5632×2048 4-bit layer (2.07 ms
-  fp32, 0.66 ms bf16); on SmolLM2's 576-wide layers the 30 blocks' Python dispatch, norms and attention dominate.
-* **Within 1.5× of llama.cpp Q4_0: not met.** Random Llama: llama.cpp on our Q4_0 export 72.8 tok/s vs our 4-bit
-  34.6 (2.1×); with the head quantized in both, 171.1 vs 73.2 (2.3×; first run 1.7× and 1.9×). SmolLM2: 113.6 vs
-  43.2 (2.6×), head quantized 240.0 vs 47.8 (5×). llama.cpp runs the whole graph in C; we run transformers' eager
-  modules around our kernel.
-* **RSS ≤ 0.35× fp32: met only on the random Llama with the head quantized, to within the spread.** 0.36× here,
-  0.34× in the first run (619 and 628 MB against 1719 and 1825). 4-bit with the head dense: 0.49× (random Llama)
-  and 0.49× (SmolLM2). SmolLM2 with the head 4-bit holds 0.56×: its float32 input embedding (113 MB) stays, since
-  the head was quantized as a separate matrix; llama.cpp's own rows are 0.48-0.53×.
-* **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained): the reference
-  runtime meets the 1.2× bound (88% of it at 2, 3 and 4 bits); the fast runtime is 2-12% over it** (4-bit 102%,
-  2-bit 103%, 3-bit 112%). What the fast runtime holds after loading is larger than the stored form: the native
-  layout pads 576-wide rows to 640 and keeps its own float16 zeros. Fast loads take 0.8-1.5 s (2/3-bit loads
-  took 43-178 s before: codes are unpacked a block of rows at a time into uint8).
-* The reference runtime (dequantize at every forward, the bit-exact form) is 0.03-0.04× fp32: it exists to check
-  the fast paths against, not to run.
+* **4-bit decode ≥ 2.5x fp32: met on the random Llama; on SmolLM2 with the output head quantized.**
+  - Random Llama 2048/5632×8: 4-bit 42.3 tok/s = 4.13x fp32 (previous run 3.68x); with the output head 4-bit too,
+    86.9 = 8.48x (7.8x).
+  - SmolLM2-135M: 4-bit 43.4 = 2.02x (1.78x). Its tied 49152×576 output head in float32 is 113 of the 182 MB read
+    per token. With the head 4-bit: 63.7 = 2.97x (1.97x).
+* **Within 1.5x of llama.cpp Q4_0: not met, nearest on the random Llama with the head quantized.**
+  - Random Llama, both with the head quantized: llama.cpp on our Q4_0 export 133.3 tok/s against our 86.9, 1.53x
+    (previous run 2.3x). With the head dense: 90.7 against 42.3, 2.1x.
+  - SmolLM2: 101.8 against 43.4, 2.3x; head quantized, 159.1 against 63.7, 2.5x (previous run 5x).
+  - decode_breakdown.md splits our step. On the random Llama the kernels now stream near llama.cpp's rate, and the
+    gap is the ~3.4 ms of Python and small ops around them. On SmolLM2 that part, around 211 small kernel calls a
+    token, is most of the step.
+* **RSS ≤ 0.35x fp32: not met in this run.**
+  - Random Llama with the head quantized: 0.38x (678 MB against 1807). The previous run gave 0.36x, and the one
+    before 0.34x. llama.cpp's own row is 0.39x.
+  - With the head dense: 0.47x (random Llama) and 0.49x (SmolLM2).
+  - SmolLM2 with the head 4-bit: 0.50x. Its float32 input embedding (113 MB) stays, because the head was quantized
+    as a separate matrix. llama.cpp's SmolLM2 rows are 0.47-0.50x.
+* **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained).**
+  - The reference runtime meets the 1.2x bound: 87-90% of it at 2, 3 and 4 bits.
+  - The fast runtime is 2-10% over it. What it holds after loading is larger than the stored form: the native
+    layout pads 576-wide rows to 640 and keeps its own float16 zeros.
+  - Fast loads take 0.9-2.0 s.
+* **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.06-0.13x fp32. It exists to
+  check the fast paths against, not to run.
+* **torchao's int4 path** (bfloat16 activations) decodes SmolLM2 at 54.6 tok/s and the random Llama at 50.2. It
+  is ahead of our 4-bit rows with the head dense, because it quantizes the head too. It is behind our
+  head-quantized rows. It holds 1.4-1.5x the fp32 memory, since its model is loaded in bfloat16 and then
+  converted.
 
 llama.cpp's "MB read/token" counts every tensor of the GGUF but the input embedding when the model has a separate
 output matrix (the random Llama, and SmolLM2's head-quantized export), as hiercomp's rows do.
