@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -232,16 +233,20 @@ def reference(model_name: str, tokenizer, windows: dict[str, torch.Tensor]) -> d
     return torch.load(ref_file)
 
 
-def run_one(model_name: str, method: str, params: dict) -> dict:
-    """One configuration in this process: compress, evaluate, return the row."""
+def setup(model_name: str) -> tuple[str, Any, dict[str, torch.Tensor], dict]:
+    """One thread; the model's path, tokenizer, held-out windows and the original's reference on them."""
     from transformers import AutoTokenizer
-
 
     torch.set_num_threads(1)
     path = model_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = eval_windows(model_name, tokenizer)
-    ref = reference(model_name, tokenizer, windows)
+    return path, tokenizer, windows, reference(model_name, tokenizer, windows)
+
+
+def run_one(model_name: str, method: str, params: dict) -> dict:
+    """One configuration in this process: compress, evaluate, return the row."""
+    path, tokenizer, windows, ref = setup(model_name)
     if method == "original":
         row = {"model": model_name, "method": "original", "bpw": 32.0, "samples": ref["samples"]}
         for k, w in windows.items():
@@ -337,15 +342,11 @@ def peer_data(model_name: str) -> Path:
 
 def run_tuned(model_name: str, method: str, params: dict) -> dict:
     """Compress, evaluate, tune, evaluate again; one row with both."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from hiercomp.tune import TuneConfig, tune
 
-    torch.set_num_threads(1)
-    path = model_path(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = eval_windows(model_name, tokenizer)
-    ref = reference(model_name, tokenizer, windows)
+    path, tokenizer, windows, ref = setup(model_name)
     calib = calibration(model_name, tokenizer)
     settings = TUNE[model_name]
     start = time.perf_counter()
