@@ -137,7 +137,7 @@ def distill(
     if calibration is None or calibration.dim() != 2 or calibration.shape[0] == 0:
         raise HiercompError("distillation needs calibration token windows; pass --calib TEXT")
     if schedule not in ("constant", "cosine"):
-        raise HiercompError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'")
+        raise HiercompError(f"unknown tuning schedule {schedule!r}; use 'cosine' or 'constant'")
     teacher.eval()
     student.eval()  # no dropout: the target is the deterministic teacher
     generator = torch.Generator().manual_seed(seed)
@@ -148,7 +148,7 @@ def distill(
     checks: list[tuple[int, float]] = []
     best: tuple[float, int, list[torch.Tensor]] | None = None
     every = check_every or max(1, steps // 8)
-    if held_out is not None and held_out.shape[0]:
+    if held_out is not None:
         with torch.no_grad():
             held_targets = model_outputs(teacher, held_out, encoder)
 
@@ -159,8 +159,6 @@ def distill(
             checks.append((done_steps, loss))
             if best is None or loss < best[0]:
                 best = (loss, done_steps, [p.detach().clone() for p in params])
-    else:
-        held_out = None
     cache: dict[int, torch.Tensor] = {}
     cached_bytes = 0
     order: list[int] = []
@@ -327,8 +325,6 @@ def tune(
         raise HiercompError(f"tuning needs at least 1 step, got {config.steps}; drop --tune-steps to skip it")
     if not config.lr > 0:
         raise HiercompError(f"the tuning learning rate must be positive, got {config.lr}")
-    if config.schedule not in ("constant", "cosine"):
-        raise HiercompError(f"unknown tuning schedule {config.schedule!r}; use 'cosine' or 'constant'")
     if calibration is None:
         raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
     layers = compressed_layers(model)
@@ -375,7 +371,7 @@ def tune(
 def split_held_out(calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training windows, held-out windows): the last eighth (1 to 8 windows) once there are at least 4, else
     (all, None). The last ones: a fixed choice, so a rerun holds out the same text."""
-    n = calibration.shape[0] if calibration is not None and calibration.dim() == 2 else 0
+    n = calibration.shape[0]
     if n < 4:
         return calibration, None
     k = min(8, max(1, n // 8))

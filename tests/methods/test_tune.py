@@ -103,6 +103,13 @@ def test_tuning_lowers_the_loss_keeps_codes_and_dtypes_and_reloads_bit_exactly(t
         assert torch.allclose(fast.model(input_ids=IDS).logits, logits, atol=1e-4)
 
 
+def assert_same_tuned_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The tensors tuning trains (every layer's scales, the final norm) are bit-equal in ``a`` and ``b``."""
+    for name, layer in compressed_layers(a).items():
+        assert torch.equal(layer.scales, compressed_layers(b)[name].scales)
+    assert torch.equal(a.model.norm.weight, b.model.norm.weight)
+
+
 @needs_shared
 def test_tuning_keeps_the_best_held_out_state_and_never_ends_worse_than_untuned(stories_calibration):
     calib = stories_calibration[:16, :128]  # 16 windows: the last 2 are held out
@@ -120,17 +127,13 @@ def test_tuning_keeps_the_best_held_out_state_and_never_ends_worse_than_untuned(
     facts = wild.extra["tuning"]
     assert facts["best_step"] == 0 and facts["held_out_after"] == facts["held_out_before"]
     assert not facts["loss_last"] < facts["loss_first"]  # training diverged (to NaN: it stopped there)
-    for name, layer in compressed_layers(wild.model).items():
-        assert torch.equal(layer.scales, compressed_layers(plain.model)[name].scales)
-    assert torch.equal(wild.model.model.norm.weight, plain.model.model.norm.weight)
+    assert_same_tuned_state(wild.model, plain.model)
     # Without keep_best there is no state to go back to: a diverged run is an error, and the model is left as it was.
     teacher = LlamaForCausalLM.from_pretrained(str(STORIES)).eval()
     with pytest.raises(HiercompError, match="diverged .* lower its learning rate"):
         tune(plain.model, teacher, calib, TuneConfig(steps=6, lr=30.0, schedule="constant", keep_best=False),
              progress=False)
-    for name, layer in compressed_layers(wild.model).items():
-        assert torch.equal(layer.scales, compressed_layers(plain.model)[name].scales)
-    assert torch.equal(wild.model.model.norm.weight, plain.model.model.norm.weight)
+    assert_same_tuned_state(wild.model, plain.model)  # plain was left as it was
     raw = hiercomp.compress(str(STORIES), Recipe.single("gptq", bits=2, group_size=32), calib, progress=False,
                             recovery=TuneConfig(steps=3, lr=1e-2, keep_best=False))
     assert raw.extra["tuning"]["held_out"] == 0 and raw.extra["tuning"]["best_step"] is None

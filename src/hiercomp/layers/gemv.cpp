@@ -259,10 +259,7 @@ static inline float zero_term(const uint16_t* scale, const uint16_t* zero, const
 // reach full bandwidth from DRAM (measured 10 GB/s on one core without this, 24 GB/s with). While reading
 // superchunk c, fetch the matching share of the tile PF_TILES ahead (the tile's rows are contiguous: RT * BPS
 // bytes per superchunk, one prefetch per cache line).
-#ifndef HC_PF_TILES
-#define HC_PF_TILES 2
-#endif
-constexpr int PF_TILES = HC_PF_TILES;
+constexpr int PF_TILES = 2;
 template <int RT, int64_t B>
 static inline void prefetch(const uint8_t* w0, int64_t rowbytes, int64_t c) {
     const uint8_t* p = w0 + PF_TILES * RT * rowbytes + c * B * RT;
@@ -411,13 +408,9 @@ int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16
     // Blocks of rows handed out dynamically, about a quarter of each thread's share (16 to 256 rows): long
     // enough that each core reads one long stream (cold weights, 2 threads: 16-row blocks streamed 25-29 GB/s,
     // these 33-42 GB/s; a 49152x576 head 749 -> 443 us), and four per thread, so that a thread preempted on a
-    // shared machine does not leave a whole static share to the end. HC_BLOCK_ROWS fixes the size (tests).
-#ifdef HC_BLOCK_ROWS
-    const int64_t br = HC_BLOCK_ROWS;
-#else
+    // shared machine does not leave a whole static share to the end.
     int64_t br = (N / (4 * nt) + 15) / 16 * 16;
     br = br < 16 ? 16 : br > 256 ? 256 : br;
-#endif
     const int64_t nblk = (N + br - 1) / br;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t bi = 0; bi < nblk; ++bi) {
