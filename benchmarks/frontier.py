@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -308,22 +309,6 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
 }
 
 
-def tune_version(row: dict) -> str | None:
-    """None for an untuned row; "held-out" for tuning that keeps the best held-out state (since 2e42f42), "constant"
-    for the rows tuned before it (constant step, every window trained, the last state kept)."""
-    if "tune" not in row:
-        return None
-    return "held-out" if row["tune"].get("keep_best") else "constant"
-
-
-def current_rows(rows: list[dict]) -> list[dict]:
-    """The rows to show: a configuration tuned the old way is dropped once it has been tuned the new way."""
-    new = {(r["model"], r["method"], json.dumps(r.get("params"), sort_keys=True))
-           for r in rows if tune_version(r) == "held-out"}
-    return [r for r in rows if not (tune_version(r) == "constant"
-                                    and (r["model"], r["method"], json.dumps(r.get("params"), sort_keys=True)) in new)]
-
-
 # llm-compressor's GPTQModifier, int grid symmetric (its W4A16 scheme at these widths) or asymmetric (as hiercomp's
 # gptq), defaults otherwise. Groups of 64, not 128: it refuses groups that do not divide a layer's columns (SmolLM2's
 # 576); 64 gives it more bits.
@@ -355,7 +340,7 @@ def run_tuned(model_name: str, method: str, params: dict) -> dict:
     config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"])
     row = {"model": model_name, "method": method, "params": params, "bpw": cm.bits_per_weight,
            "calib": list(calib.shape), "compress_seconds": seconds,
-           "tune": {**settings, "schedule": config.schedule, "keep_best": config.keep_best}}
+           "tune": {**asdict(config), "window": settings["window"]}}
     if method == "search":
         row.update(plan_facts(cm))
     for k, w in windows.items():
@@ -449,7 +434,7 @@ def peer_one(model_name: str, bits: int, group_size: int, symmetric: bool = True
 def run_part3(which: str = "all") -> None:
     """The tuned rows (this venv) and llm-compressor's rows (its venv), each configuration in its own process,
     appended to frontier_rows.jsonl as they come (a rerun skips the ones done)."""
-    done = {(r["model"], r["method"], json.dumps(r.get("params"), sort_keys=True), tune_version(r))
+    done = {(r["model"], r["method"], json.dumps(r.get("params"), sort_keys=True), "tune" in r)
             for r in map(json.loads, ROWS.read_text().splitlines())} if ROWS.exists() else set()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     jobs = []
@@ -465,7 +450,7 @@ def run_part3(which: str = "all") -> None:
                       (model_name, "llm-compressor", b, g, sym)) for b, g, sym in configs]
     if which in ("all", "tuned"):
         jobs += [([sys.executable, __file__, "tuned_one", model_name, m, json.dumps(p)],
-                  (model_name, m, json.dumps(p, sort_keys=True), "held-out"))
+                  (model_name, m, json.dumps(p, sort_keys=True), True))
                  for model_name, configs in TUNED_CONFIGS.items() for m, p in configs]
     for cmd, key in jobs:
         if key[1] == "llm-compressor":
@@ -608,9 +593,8 @@ def minilm_one(method: str, params: dict | None) -> dict:
         del before
         teacher = load_hf_model(path).model.eval()
         report = tune(cm.model, teacher, data["calib"], config, encoder=True, progress=False)
-        row.update({"tune": {"steps": config.steps, "lr": config.lr, "batch_size": config.batch_size,
-                             "schedule": config.schedule, "keep_best": config.keep_best},
-                    "tune_report": report.to_dict(), "seconds": seconds + report.seconds, "peak_mb": peak_rss_mb()})
+        row.update({"tune": asdict(config), "tune_report": report.to_dict(), "seconds": seconds + report.seconds,
+                    "peak_mb": peak_rss_mb()})
     dequantize_layers(cm.model)  # the exact dense weights: the same function, faster
     return {**row, **minilm_measure(cm.model, cm.tokenizer, data)}
 
@@ -849,7 +833,7 @@ def render() -> None:
                                               ("above", "bits above bound", f3), ("out_err", "out err", f4)]),
                   "", "</details>", ""]
     if ROWS.exists():
-        rows = current_rows([json.loads(x) for x in ROWS.read_text().splitlines()])
+        rows = [json.loads(x) for x in ROWS.read_text().splitlines()]
         lines += ["## 2. Whole models", ""]
         for model_name in MODEL_CONFIGS:
             sel = [r for r in rows if r["model"] == model_name]
@@ -898,7 +882,7 @@ def render() -> None:
             lines += ["## 2. Whole models", ""]
         lines += minilm_lines([json.loads(x) for x in MINILM_ROWS.read_text().splitlines()])
     if ROWS.exists():
-        lines += part3_lines(current_rows([json.loads(x) for x in ROWS.read_text().splitlines()]))
+        lines += part3_lines([json.loads(x) for x in ROWS.read_text().splitlines()])
     if TASK_ROWS.exists():
         lines += task_lines([json.loads(x) for x in TASK_ROWS.read_text().splitlines()],
                             [json.loads(x) for x in ROWS.read_text().splitlines()] if ROWS.exists() else [])
@@ -925,17 +909,13 @@ def part3_lines(rows: list[dict]) -> list[str]:
            f"{st['batch_size']} windows of {st['window']} tokens, step {st['lr']}. \"before\" is the same run's "
            "model just before tuning (it re-measures section 2's untuned row); \"held-out loss\" is the "
            "distillation loss on the held-out windows before tuning → of the state kept, and \"kept\" the step "
-           "it was reached at."
-           + (" Rows marked *constant* were tuned before the held-out check and the schedule existed (constant "
-              "step, every window trained, the last state kept); they stay until they are re-run."
-              if any(tune_version(r) == "constant" for r in tuned) else ""), ""]
+           "it was reached at.", ""]
     if tuned:
         for r in tuned:
-            r["label"] = label(r) + (" *constant*" if tune_version(r) == "constant" else "")
+            r["label"] = label(r)
             r["tune_s"] = r["tune_report"]["seconds"]
             rep = r["tune_report"]
-            r["loss"] = (f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}" if rep.get("held_out")
-                         else f"train {rep['loss_first']:.3f} → {rep['loss_last']:.3f}")
+            r["loss"] = f"{rep['held_out_before']:.3f} → {rep['held_out_after']:.3f}"
             r["kept"] = rep.get("best_step")
         out += [markdown_table(sorted(tuned, key=lambda r: (r["model"], r["bpw"])), [
             ("model", "model", None), ("label", "method", None), ("bpw", "bpw", "{:.3f}".format),
