@@ -631,6 +631,11 @@ CASES: list[Case] = [
     Case("search: --workers 0", lambda env, case: _search_args(env, case, "--workers", "0"), "at least 1"),
     Case("search: --ray-address not an address", lambda env, case: _search_args(env, case, "--ray-address", "nowhere"),
          "is not 'auto', host:port"),
+    # -- recovery tuning: too few windows to hold any out, and a step that diverges to NaN
+    Case("compress: --tune-lr that diverges with no windows to hold out",
+         lambda env, case: rtn(env["stories"], case, "--bits", "2", "--calib", str(env["text"]), "--calib-n", "2",
+                               "--calib-len", "64", "--tune-steps", "6", "--tune-lr", "1e6"),
+         "diverged"),
     # -- context compression options
     Case("eval: --context cascade with coarse below 1", _context_option("cascade:budget=0.25x,coarse=0.5"),
          "coarse must be a number of at least 1"),
