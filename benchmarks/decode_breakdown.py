@@ -51,7 +51,7 @@ def breakdown(folder: Path, vocab: int) -> dict:
     from transformers import DynamicCache
 
     import hiercomp
-    from hiercomp.layers import kernels
+    from hiercomp.layers import gemv
 
     torch.set_num_threads(THREADS)
     model = hiercomp.load(folder).model
@@ -85,21 +85,21 @@ def breakdown(folder: Path, vocab: int) -> dict:
 
     # The split: one instrumented bare loop (profiler on, each kernel call a named range), three times; each part's
     # share of that loop's wall time, median over the three, applied to the uninstrumented loop's time.
-    original = kernels.NativeLowBitKernel.__call__
+    original = gemv.PackedGrid.__call__
 
-    def ranged(self, x):
+    def ranged(self, x, lib=None):
         with torch.profiler.record_function(KERNEL_RANGE):
-            return original(self, x)
+            return original(self, x, lib)
 
     shares = []
-    kernels.NativeLowBitKernel.__call__ = ranged
+    gemv.PackedGrid.__call__ = ranged
     try:
         for _ in range(3):
             with torch.profiler.profile() as prof:
                 instrumented = loop_ms(lambda: torch.profiler.record_function(DECODE_RANGE))
             shares.append(split(prof.events(), instrumented * NEW / 1000))
     finally:
-        kernels.NativeLowBitKernel.__call__ = original
+        gemv.PackedGrid.__call__ = original
     median = {k: sorted(s[k] for s in shares)[1] for k in shares[0]}
     return {"generate_ms": gen, "loop_ms": loop, **{f"{k}_ms": loop * v for k, v in median.items() if k != "calls"},
             "kernel_calls": median["calls"] / NEW}

@@ -232,6 +232,22 @@ class PackedGrid:
         self.scale = scale32.half().contiguous()
         self.zero = zero32.half().contiguous()
 
+    @classmethod
+    def stack(cls, grids: list[PackedGrid]) -> PackedGrid:
+        """One grid whose rows are those of ``grids`` in order (same layout, group and width): a product with it
+        equals each grid's product side by side, bit for bit (rows are independent in the kernel)."""
+        first = grids[0]
+        if any((g.bits, g.group, g.padded, g.in_features) != (first.bits, first.group, first.padded,
+                                                               first.in_features) for g in grids):
+            raise ValueError("only grids of the same layout, group and width stack")
+        out = cls.__new__(cls)
+        out.bits, out.in_features, out.padded, out.group = first.bits, first.in_features, first.padded, first.group
+        out.out_features = sum(g.out_features for g in grids)
+        out.packed = torch.cat([g.packed for g in grids])
+        out.scale = torch.cat([g.scale for g in grids])
+        out.zero = torch.cat([g.zero for g in grids])
+        return out
+
     def codes(self) -> torch.Tensor:
         """The integer codes (out, in) back, exactly."""
         if not self.out_features:

@@ -369,13 +369,21 @@ def set_runtime(model: nn.Module, runtime: str = "fast", release: bool = False) 
         from hiercomp.errors import HiercompError
 
         raise HiercompError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    from hiercomp.layers import fused_block
+
     layers = compressed_layers(model)
+    fused_block.unfuse(model)
     for layer in layers.values():
         layer.restore_stored()
         layer.kernel = select_kernel(layer) if runtime == "fast" else None
         if release:
             layer.release_stored()
             return_freed_memory()
+    if runtime == "fast" and layers:
+        # Llama-family blocks: q/k/v and gate/up as one kernel call each, and a forward without module dispatch
+        # (an original model with no compressed layer keeps transformers' forward: it is the baseline).
+        fused_block.fuse(model)
+        return_freed_memory()
     paths = {name: "reference" if layer.kernel is None else layer.kernel.name for name, layer in layers.items()}
     fallback = {type(layer).__name__ for layer in layers.values()
                 if runtime == "fast" and layer.kernel is None and not _wraps_fast_layer(layer)}
