@@ -98,3 +98,53 @@ def test_bad_runtime_and_damaged_file_are_one_line_errors(saved, tmp_path: Path)
     (broken / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(HiercompError, match="damaged"):
         load_compressed(broken)
+
+
+@pytest.fixture(scope="module")
+def saved_with_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K with every linear 4-bit, the output head too: the head no longer reads the embedding table."""
+    import hiercomp
+
+    recipe = {"rules": [{"method": "rtn", "bits": 4, "group_size": 32}], "ignore": []}
+    cm = hiercomp.compress(str(STORIES), recipe, progress=False)
+    out = tmp_path_factory.mktemp("lean_head") / "m"
+    cm.save(out)
+    return out
+
+
+def mapped_files(tensor: torch.Tensor) -> set[str]:
+    """Paths of the file mappings (/proc/self/maps) that hold the tensor's first byte."""
+    address, paths = tensor.data_ptr(), set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        low, high = (int(v, 16) for v in span.split("-"))
+        if low <= address < high and len(rest) == 5 and rest[4].strip().startswith("/"):
+            paths.add(rest[4].strip())
+    return paths
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_input_embedding_is_mapped_from_the_file_when_the_head_does_not_read_it(saved_with_head: Path,
+                                                                                saved) -> None:
+    from hiercomp.io.saved import sparse_read_names
+
+    weights = saved_with_head / WEIGHTS_FILE
+    model = load_compressed(saved_with_head)
+    embedding = model.model.embed_tokens.weight
+    assert str(weights.resolve()) in mapped_files(embedding)
+    # the same values as reading the file
+    assert torch.equal(embedding, read_tensors(weights)["model.embed_tokens.weight"])
+    ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+    read = load_compressed(saved_with_head)
+    read.model.embed_tokens.weight.data = embedding.clone()  # a copy that is not mapped
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, read(ids).logits)
+    # copy-on-write: writing to the loaded model never changes the folder
+    before = weights.read_bytes()
+    with torch.no_grad():
+        embedding[0].fill_(1.0)
+    assert weights.read_bytes() == before
+    # a dense head tied to the table reads all of it every token: then it is read, not mapped
+    tied = load_compressed(saved[0])
+    assert sparse_read_names(tied) == frozenset()
+    assert not mapped_files(tied.model.embed_tokens.weight)
