@@ -3,7 +3,8 @@
 runtime.md shows hiercomp's 4-bit decode 2-5x behind llama.cpp's on the same Q4_0 weights. This script splits a
 step of hiercomp's fast runtime (2 threads, batch 1, a 128-token prompt of random ids, greedy) into:
 
-- ``generate``: ms per new token through transformers' ``generate`` (as `hiercomp generate` and runtime.py run);
+- ``generate``: ms per new token through the loop `hiercomp generate` and runtime.py run
+  (``hiercomp.generate.decode_loop``; before 2026-12-07 afternoon, transformers' ``generate``: ~1-1.5 ms more);
 - ``bare loop``: the same model called token by token with a DynamicCache and an argmax, nothing else;
 - the bare loop's time split into: ``kernels``, the compressed layers' native kernel calls; ``attention``,
   torch's scaled-dot-product attention; ``cache cat``, ``aten::cat`` (the DynamicCache appends each step's keys
@@ -51,21 +52,20 @@ def breakdown(folder: Path, vocab: int) -> dict:
     from transformers import DynamicCache
 
     import hiercomp
+    from hiercomp.generate import decode_loop
     from hiercomp.layers import gemv
 
     torch.set_num_threads(THREADS)
     model = hiercomp.load(folder).model
     ids = torch.randint(3, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
 
-    def generate_ms() -> float:
+    def generate_ms() -> float:  # through the loop `hiercomp generate` runs (hiercomp.generate.decode_loop)
         with torch.no_grad():
             start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                           pad_token_id=0)
+            decode_loop(model, ids, 1)
             prefill = time.perf_counter() - start
             start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW + 1, min_new_tokens=NEW + 1,
-                           do_sample=False, pad_token_id=0)
+            decode_loop(model, ids, NEW + 1)
             return 1000 * (time.perf_counter() - start - prefill) / NEW
 
     def loop_ms(decode_range=contextlib.nullcontext) -> float:

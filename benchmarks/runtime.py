@@ -3,11 +3,13 @@ original (fp32, bf16), torchao's int4 weight-only CPU path and llama.cpp on hier
 
 Batch 1, a 128-token prompt, 128 new tokens, greedy, 2 threads, on (a) SmolLM2-135M-Instruct and (b) a random
 Llama of realistic shape (hidden 2048, intermediate 5632, 8 layers, 32 heads / 4 KV heads, vocab 32000).
-Every row runs in its own subprocess (nice -n 10), so its peak resident memory is its own; the memory of
-importing torch + transformers (+ hiercomp / torchao / llama_cpp) is measured in that process before loading and
-subtracted (``model MB``); ``process MB`` is the whole peak. The memory-bandwidth bound of a row is the measured
-copy bandwidth divided by the bytes its decode reads per token (every weight in its runtime form, the input
-embedding table excluded: one row of it is read).
+Every torch row (the originals, torchao, hiercomp) decodes through the loop `hiercomp generate` runs
+(``hiercomp.generate.decode_loop``: transformers' generate without its per-step machinery, ~1-1.5 ms a token less);
+llama.cpp through llama-cpp-python's own. Every row runs in its own subprocess (nice -n 10), so its peak resident
+memory is its own; the memory of importing torch + transformers (+ hiercomp / torchao / llama_cpp) is measured in
+that process before loading and subtracted (``model MB``); ``process MB`` is the whole peak. The memory-bandwidth
+bound of a row is the measured copy bandwidth divided by the bytes its decode reads per token (every weight in its
+runtime form, the input embedding table excluded: one row of it is read).
 
     nice -n 10 python benchmarks/runtime.py            # about 15-20 minutes on 2 cores
     python benchmarks/runtime.py --quick               # SmolLM2 only, short runs, to check the script
@@ -83,7 +85,7 @@ def _read_bytes(model) -> int:
 def _timed_generate(model, vocab: int, prompt: int, new: int) -> dict:
     import torch
 
-    from hiercomp.generate import _TimedStreamer
+    from hiercomp.generate import _TimedStreamer, decode_loop
 
     ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
     streamer = _TimedStreamer(None, None)
@@ -91,9 +93,8 @@ def _timed_generate(model, vocab: int, prompt: int, new: int) -> dict:
     original_put = streamer.put
     streamer.put = lambda value: (original_put(value), cpu.append(time.process_time()))
     start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer, pad_token_id=0)
+    with torch.no_grad():  # the loop `hiercomp generate` runs, for every torch row alike
+        decode_loop(model, ids, new, on_token=streamer.put)
     stamps = streamer.stamps
     return {"prefill_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "decode_tok_cpu_s": (len(stamps) - 1) / (cpu[-1] - cpu[1]), "new_tokens": len(stamps),

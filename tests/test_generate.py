@@ -68,3 +68,32 @@ def test_cli_on_compressed_folder_prints_speed_and_memory(compressed: Path, caps
 def test_cli_bad_input_is_one_line_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", str(STORIES), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr()[1].startswith("error: --max-new-tokens")
+
+
+def test_own_decode_loop_equals_transformers_generate(compressed: Path) -> None:
+    """decode_loop (what `hiercomp generate` runs with the full cache) gives transformers' greedy tokens, stops at
+    an end token, and samples reproducibly inside the nucleus."""
+    import hiercomp
+    from hiercomp.generate import decode_loop, pick_token
+
+    model = hiercomp.load(compressed).model
+    ids = torch.tensor([[1, 365, 450, 260, 316]])
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                                do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        ours, cache = decode_loop(model, ids, 12)
+        assert torch.equal(ours, theirs)
+        assert cache.get_seq_length() == ids.shape[1] + 11  # the last token is not fed back
+        stop = int(ours[3])
+        early, _ = decode_loop(model, ids, 12, eos_ids=(stop,))
+        assert torch.equal(early, ours[: int((ours == stop).nonzero()[0]) + 1])
+        forced, _ = decode_loop(model, ids, 12, eos_ids=(stop,), min_new_tokens=12)
+        assert torch.equal(forced, ours)
+        a, _ = decode_loop(model, ids, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        b, _ = decode_loop(model, ids, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+    # top-p keeps the smallest set that reaches p: here the two most probable tokens (0.5 + 0.3 >= 0.7)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(pick_token(logits, 1.0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert draws == {0, 1}
+    assert int(pick_token(logits)) == 0

@@ -110,6 +110,65 @@ def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str], Any]:
     return module, tokenizer, notes, model
 
 
+def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token from (batch, vocab) logits: argmax, or a sample at ``temperature`` from the smallest set of
+    tokens whose probability reaches ``top_p`` (nucleus sampling, as transformers' TopPLogitsWarper keeps it)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the more probable ones already reach top_p (the most probable always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_loop(module: Any, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                top_p: float = 1.0, generator: torch.Generator | None = None, eos_ids: tuple[int, ...] = (),
+                min_new_tokens: int = 0, on_token: Callable[[torch.Tensor], None] | None = None) -> tuple[
+                    torch.Tensor, Any]:
+    """Decode a batch-1 prompt token by token with a KV cache: (new token ids, the cache).
+
+    What transformers' ``generate`` does for greedy and nucleus sampling, without its per-step machinery (logits
+    processors and stopping criteria as objects, the attention mask grown by concatenation, input preparation):
+    measured ~1-1.5 ms a token on 2 cores, 10-15% of a 4-bit decode step of SmolLM2 or a 2048-wide Llama.
+    Stops at ``max_new_tokens`` or at an ``eos_ids`` token once ``min_new_tokens`` are out. ``on_token`` gets the
+    prompt first, then each new token (a transformers streamer's ``put``)."""
+    from transformers import DynamicCache
+
+    from hiercomp.kv.adapter import cache_kwargs
+
+    if input_ids.shape[0] != 1:
+        raise HiercompError("decode_loop takes one prompt (batch 1)")
+    cache = DynamicCache(config=module.config)
+    key = cache_kwargs(cache)
+    if on_token is not None:
+        on_token(input_ids)
+    logits = module(input_ids=input_ids, use_cache=True, logits_to_keep=1, **key).logits[:, -1]
+    new: list[torch.Tensor] = []
+    while True:
+        token = pick_token(logits, temperature, top_p, generator)
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(new) >= max_new_tokens or (len(new) >= min_new_tokens and int(token) in eos_ids):
+            return torch.cat(new), cache
+        logits = module(input_ids=token.view(1, 1), use_cache=True, logits_to_keep=1, **key).logits[:, -1]
+
+
+def eos_token_ids(module: Any, tokenizer: Any = None) -> tuple[int, ...]:
+    """The ids that end a generation: the model's generation config's (one or a list), else the tokenizer's."""
+    eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
 def generate(
     model: Any,
     prompt: str,
@@ -159,6 +218,9 @@ def generate(
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if seed is not None:
         torch.manual_seed(seed)
+    if past_key_values is None:  # transformers' full cache: hiercomp's own loop (see decode_loop)
+        return _generate_with_loop(module, tokenizer, input_ids, notes, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, stream=stream)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     extra = {}
@@ -186,6 +248,24 @@ def generate(
     return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
                             new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
                             peak_rss_mb=peak_rss_mb(), notes=tuple(notes), **kv_fields)
+
+
+def _generate_with_loop(module: Any, tokenizer: Any, input_ids: torch.Tensor, notes: list[str], *,
+                        max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                        stream: Callable[[str], None] | None) -> GenerationResult:
+    from hiercomp.kv.evaluate import cache_bytes
+
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    streamer = _TimedStreamer(tokenizer, stream)
+    start = time.perf_counter()
+    with torch.no_grad():
+        new, cache = decode_loop(module, input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                 generator=generator, eos_ids=eos_token_ids(module, tokenizer), on_token=streamer.put)
+    streamer.end()
+    stamps = streamer.stamps or [time.perf_counter()]
+    return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
+                            new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
+                            peak_rss_mb=peak_rss_mb(), notes=tuple(notes), kv_bytes=cache_bytes(cache))
 
 
 def print_stream(text: str) -> None:
