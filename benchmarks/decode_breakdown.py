@@ -5,13 +5,14 @@ step of hiercomp's fast runtime (2 threads, batch 1, a 128-token prompt of rando
 
 - ``generate``: ms per new token through the loop `hiercomp generate` and runtime.py run
   (``hiercomp.generate.decode_loop``; before 2026-12-07 afternoon, transformers' ``generate``: ~1-1.5 ms more);
-- ``bare loop``: the same model called token by token with a DynamicCache and an argmax, nothing else;
-- the bare loop's time split into: ``kernels``, the compressed layers' native kernel calls; ``attention``,
-  torch's scaled-dot-product attention; ``cache cat``, ``aten::cat`` (the DynamicCache appends each step's keys
-  and values by concatenation; rotary embeddings concatenate halves); ``other ops``, every other aten op outside
-  the kernels (norms, rotary, SiLU, residual adds, views); ``Python``, the rest (module calls, dispatch). Each
-  part's share comes from a bare loop under torch.profiler with every kernel call a named range (the median share
-  of three runs), applied to the uninstrumented loop's time;
+- ``bare loop``: the same model called token by token with the same cache (``GrowingCache``: transformers' full
+  cache appended in place) and an argmax, nothing else;
+- the bare loop's time split into: ``kernels``, the compressed layers' native kernel calls; ``attention``, torch's
+  scaled-dot-product attention; ``cache cat``, ``aten::cat`` (transformers' DynamicCache appended each step's keys
+  and values by concatenation, copying the whole cache, until GrowingCache replaced it); ``other ops``, every
+  other aten op outside the kernels (norms, rotary, SiLU, residual adds, views); ``Python``, the rest (module
+  calls, dispatch). Each part's share comes from a bare loop under torch.profiler with every kernel call a named
+  range (the median share of three runs), applied to the uninstrumented loop's time;
 - ``llama.cpp Q4_0``: llama.cpp (llama-cpp-python in its own venv) on hiercomp's GGUF export of the same model
   quantized to 4-bit groups of 32, symmetric, the head too (Q4_0 exactly), in the same run, best of 3.
 
@@ -49,10 +50,10 @@ RAW = RESULTS / "decode_breakdown_raw.json"
 
 def breakdown(folder: Path, vocab: int) -> dict:
     import torch
-    from transformers import DynamicCache
 
     import hiercomp
     from hiercomp.generate import decode_loop
+    from hiercomp.kv.growing import GrowingCache
     from hiercomp.layers import gemv
 
     torch.set_num_threads(THREADS)
@@ -70,7 +71,7 @@ def breakdown(folder: Path, vocab: int) -> dict:
 
     def loop_ms(decode_range=contextlib.nullcontext) -> float:
         with torch.no_grad():
-            cache = DynamicCache(config=model.config)
+            cache = GrowingCache(config=model.config)
             token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             with decode_range():

@@ -97,3 +97,33 @@ def test_own_decode_loop_equals_transformers_generate(compressed: Path) -> None:
     draws = {int(pick_token(logits, 1.0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
     assert draws == {0, 1}
     assert int(pick_token(logits)) == 0
+
+
+def test_growing_cache_holds_what_dynamic_cache_holds() -> None:
+    """GrowingCache appends in place: the same keys and values as transformers' DynamicCache, bit for bit, through
+    a prefill, decode steps, a crop and a buffer that has to grow."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from hiercomp.kv.adapter import cache_kwargs
+    from hiercomp.kv.growing import MIN_SPARE, GrowingCache
+
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES)).eval()
+    ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    ours, theirs = GrowingCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+        steps = MIN_SPARE + 30  # past the first buffer's room
+        tokens = torch.randint(3, 500, (steps,), generator=torch.Generator().manual_seed(1))
+        for i, token in enumerate(tokens):
+            if i == 5:
+                ours.crop(-2), theirs.crop(-2)
+            a = model(input_ids=token.view(1, 1), use_cache=True, **cache_kwargs(ours)).logits
+            b = model(input_ids=token.view(1, 1), use_cache=True, **cache_kwargs(theirs)).logits
+            assert torch.equal(a, b)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 40 + steps - 2
+    for mine, reference in zip(ours.layers, theirs.layers):
+        assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+    held = ours.held_bytes()
+    full = sum(layer.keys.numel() * 4 * 2 for layer in theirs.layers)
+    assert full <= held <= 2 * full + len(ours.layers) * 2 * MIN_SPARE * 4 * 64

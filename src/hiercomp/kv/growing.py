@@ -1,0 +1,86 @@
+"""transformers' full KV cache, appended in place: the cache `hiercomp generate` decodes with.
+
+transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies the whole cache
+at every token: decode_breakdown.md measured it at ~1 ms of a 10-13 ms SmolLM2 step (60 copies a token), and it
+grows with the context. :class:`GrowingLayer` keeps the keys and values in buffers with spare room (half again
+what is held, at least 128 tokens) and writes each new token into place; ``keys``/``values`` are views of the
+filled part, so everything transformers does with a ``DynamicLayer`` (lengths, masks, crop, reorder) works on them
+unchanged. The values are the same tensors' values as ``DynamicCache``'s, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+MIN_SPARE = 128  # tokens of room added at least when a buffer grows
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of larger buffers, appended in place."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def _in_buffers(self) -> bool:
+        """Whether keys/values still are views at the start of the buffers (a reorder or batch select in
+        transformers replaces them with new tensors; a crop keeps them as shorter views)."""
+        kb = self.key_buffer
+        return (kb is not None and self.keys.numel() > 0 and self.keys.data_ptr() == kb.data_ptr()
+                and self.values.data_ptr() == self.value_buffer.data_ptr()
+                and self.keys.shape[:2] == kb.shape[:2] and self.keys.stride() == kb.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.get_seq_length(), key_states.shape[-2]
+        need = held + new
+        fits = held == 0 or self._in_buffers()
+        if not fits or self.key_buffer is None or need > self.key_buffer.shape[-2] \
+                or self.key_buffer.shape[:2] != key_states.shape[:2]:
+            capacity = need + max(MIN_SPARE, need // 2)
+            key_buffer = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
+            value_buffer = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
+            if held:
+                key_buffer[:, :, :held] = self.keys
+                value_buffer[:, :, :held] = self.values
+            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.key_buffer[:, :, held:need] = key_states
+        self.value_buffer[:, :, held:need] = value_states
+        self.keys = self.key_buffer[:, :, :need]
+        self.values = self.value_buffer[:, :, :need]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+
+    def held_bytes(self) -> int:
+        """Bytes of the buffers (the spare room included: it is held)."""
+        buffers = [t for t in (getattr(self, "key_buffer", None), getattr(self, "value_buffer", None))
+                   if t is not None]
+        return sum(t.numel() * t.element_size() for t in buffers)
+
+
+class GrowingCache(DynamicCache):
+    """``DynamicCache`` with :class:`GrowingLayer` for its full-attention layers (sliding-window layers stay
+    transformers' own)."""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config=config)
+        self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        if getattr(self, "layer_class_to_replicate", None) is DynamicLayer:
+            self.layer_class_to_replicate = GrowingLayer
+
+    def held_bytes(self) -> int:
+        """What the cache holds, measured from its buffers (what ``hiercomp generate`` reports)."""
+        from hiercomp.kv.evaluate import tensor_bytes
+
+        return sum(layer.held_bytes() if isinstance(layer, GrowingLayer) else tensor_bytes(vars(layer))
+                   for layer in self.layers)
