@@ -262,3 +262,47 @@ def test_stories260k_fast_logits_match_the_reference() -> None:
         one = cm.model(ids[:1, :1]).logits  # one token: the batch-1 decode shape
     assert float((fast - ref).norm() / ref.norm()) < TOL
     assert float((one - ref[:1, :1]).norm() / ref[:1, :1].norm()) < TOL
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(300, 2048), (37, 50), (64, 576)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_float32_gemv_equals_f_linear(shape: tuple[int, int], rows: int) -> None:
+    torch.manual_seed(rows)
+    weight, x = torch.randn(*shape), torch.randn(rows, shape[1])
+    ref = F.linear(x, weight)
+    assert float((gemv.dense(x, weight) - ref).norm() / ref.norm()) < 1e-6
+    variant = gemv.build_library(("-mno-avx512f",))  # the AVX2 build: 8 lanes, another tail
+    assert float((gemv.dense(x, weight, variant) - ref).norm() / ref.norm()) < 1e-6
+
+
+@needs_native
+def test_dense_layers_of_a_compressed_model_take_the_float32_gemv_for_decode() -> None:
+    """A head kept dense (and any plain float32 Linear) in a fast-runtime model: the native GEMV for up to
+    DENSE_MAX_ROWS rows, F.linear for a prefill or with gradients; the reference runtime gives F.linear back."""
+    from torch import nn
+
+    from hiercomp.layers import kernels
+
+    model = nn.Sequential(quantized(torch.randn(64, 128), 4, 32, False), nn.Linear(64, 96))
+    set_runtime(model, "fast")
+    head = model[1]
+    assert "forward" in vars(head)
+    step, prefill = torch.randn(1, 1, 128), torch.randn(1, 40, 128)
+    with torch.no_grad():
+        for x in (step, prefill):
+            hidden = model[0](x)
+            ref = F.linear(hidden, head.weight, head.bias)
+            assert float((head(hidden) - ref).norm() / ref.norm()) < 1e-6
+    called = []
+    original = gemv.dense
+    gemv.dense = lambda *a, **k: called.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            model(step)
+        model(step).sum().backward()  # with gradients: F.linear, so the weight gets its gradient
+    finally:
+        gemv.dense = original
+    assert called == [1] and head.weight.grad is not None
+    set_runtime(model, "reference")
+    assert "forward" not in vars(head) and not hasattr(head, kernels.DENSE_FORWARD)
