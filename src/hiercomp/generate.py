@@ -50,7 +50,7 @@ class GenerationResult:
         if self.kv_bytes is None:
             return ""
         if self.kv_spec is None:
-            return f"; KV cache {fmt_bytes(self.kv_bytes)} (transformers' full cache)"
+            return f"; KV cache {fmt_bytes(self.kv_bytes)} (full cache; its spare room for later tokens included)"
         factor = self.kv_full_bytes / self.kv_bytes if self.kv_bytes and self.kv_full_bytes else float("nan")
         return (f"; KV cache {fmt_bytes(self.kv_bytes)} ({self.kv_spec}; full 16-bit cache "
                 f"{fmt_bytes(self.kv_full_bytes or 0)}, {factor:.2f}x smaller)")
