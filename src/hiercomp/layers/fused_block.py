@@ -130,9 +130,9 @@ class BlockPlan:
 
 
 class _Rotary:
-    """The rotary embedding as ``x cos + roll(x, half) sin±`` (sin± = sin with its first half negated): two ops
-    instead of transformers' five (rotate_half concatenates negated halves). sin± is made once per step, by the
-    first block, and shared (the model passes every block the same cos/sin tensors)."""
+    """The rotary embedding as ``x cos + roll(x, half) sin±`` (sin± = sin with its first half negated): four ops
+    instead of transformers' seven (rotate_half slices, negates and concatenates halves), the same values. sin± is
+    made once per step, by the first block, and shared (the model passes every block the same cos/sin tensors)."""
 
     def __init__(self) -> None:
         self.key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -144,7 +144,9 @@ class _Rotary:
             half = sin.shape[-1] // 2
             self.signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
             self.cos, self.key = cos.unsqueeze(2), (cos, sin)
-        return torch.addcmul(x * self.cos, torch.roll(x, x.shape[-1] // 2, -1), self.signed)
+        # Not addcmul: a fused multiply-add rounds once where transformers rounds twice (the products and the sum
+        # here are transformers' own, bit for bit: -x2 * s1 == x2 * -s1).
+        return x * self.cos + torch.roll(x, x.shape[-1] // 2, -1) * self.signed
 
 
 def _lean_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
