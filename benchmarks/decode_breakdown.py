@@ -208,31 +208,33 @@ def main() -> None:
 READING = """\
 ## Reading
 
-* **Random Llama, 4-bit g128 with the head: 1.57x llama.cpp in this run, 1.2-1.6x across runs.** Through
-  `generate` a token takes 9.29 ms (108 tok/s); llama.cpp takes 5.91 ms (169 tok/s) on the Q4_0 export. An
-  earlier run the same hour measured 11.00 against 8.91 ms (1.23x): llama.cpp's own time moved by half between
-  runs on this shared machine. The kernels take 6.26 ms (65% of the bare loop). They stream the 230 MB of weights
-  a step reads at 37 GB/s, near llama.cpp's 40 GB/s over its whole step. The gap is the 3.4 ms around them:
-  Python module calls 2.0, other ops 0.9, cache concatenation 0.4, attention 0.3.
-* **On the Q4_0 file's own weights (g32 symmetric): 2.1x.** 12.46 ms against 5.91. Our g32 layout keeps a
-  float16 zero per group even when it is symmetric (0.625 bytes a weight against Q4_0's 0.5625) and converts a
-  scale for every 32 lanes, so its kernels take 8.25 ms.
-* **SmolLM2, 4-bit g64 with the head: 3.0x** (15.03 against 5.04 ms). The kernels take 6.2 ms over 211 calls,
-  about 30 us a call, mostly fixed cost on 576-wide layers. Python around them takes 5.9 ms. llama.cpp's whole step
-  is shorter than our kernels alone.
-* **What this run's kernel change did.** Rows are now handed to the threads in blocks of a quarter of each thread's
-  share (up to 256 rows) instead of 16, so each core reads one long stream. On 2 cores, 40 cold 5632x2048 layers
-  went from 25-29 to 33-42 GB/s, and the 49152x576 head from 749 to 443 us. The random Llama's kernels went from
-  7.46 to 6.26 ms a token (the run before the change: 7.46 of 10.88 ms).
-* **What would close the rest:**
-  - fewer calls (q/k/v as one product and gate/up as one: 7 calls a block to 4);
-  - a captured or compiled decode step for the Python and the small ops (the native kernel is a ctypes call, which
-    torch.compile would need as an opaque custom op);
-  - a symmetric g32 layout without zeros.
+* **Random Llama, 4-bit g128 with the head: 9.55 ms a token against llama.cpp's 9.06 in this run (1.05x), 1.23x
+  and 1.76x in the two runs before the same afternoon, 1.57x this morning.** llama.cpp's own step is the least
+  stable number here: 5.9 to 9.1 ms across runs of the same file the same day. Against its fastest (5.91 ms) our
+  9.0-9.6 ms would be 1.5-1.6x. The kernels take 6.1 ms of our 9.0 ms bare loop, streaming the 230 MB a step reads
+  at 38 GB/s; Python 1.6, other ops 0.9, attention 0.4.
+* **On the Q4_0 file's own weights (g32 symmetric): 8.70 ms, 0.96x llama.cpp in this run (1.37x the run before,
+  2.11x this morning).** Our g32 layout still keeps a float16 zero per group even when it is symmetric (0.625 bytes
+  a weight against Q4_0's 0.5625).
+* **SmolLM2, 4-bit g64 with the head: 11.34 ms against 4.31, 2.63x (2.52x the run before, 2.98x this morning).**
+  The kernels take 4.5 ms over 121 calls (211 this morning). The rest is the ~35 small torch ops a block on
+  576-wide tensors (other ops 2.5 ms, attention 0.9) and the Python between them (4.0 ms). llama.cpp's whole step
+  is shorter than our kernels alone: closing this needs the block's small ops fused into native code, not a
+  faster GEMV.
+* **What this afternoon's changes did** (same machine, runs minutes apart, so read them to ±30%):
+  - q/k/v and gate/up as one native call each, the rotary in two ops, no module dispatch inside a block
+    (`hiercomp/layers/fused_block.py`): SmolLM2's bare loop 14.8 -> 10.6 ms, the random Llama's 10.1 -> 8.8;
+  - `hiercomp generate`'s own decode loop instead of transformers' `generate`: ~1-1.5 ms a token less;
+  - the KV cache appended in place (`GrowingCache`): `cache cat` 1.1 -> 0.1 ms on SmolLM2, 0.3-0.4 -> 0.04 on the
+    random Llama.
 * **Tried, no gain:**
   - a static cache instead of the DynamicCache: 15.7 against 13.9 ms (random Llama, 1 thread, shared machine);
-  - both threads on SmolLM2's small products (`HIERCOMP_GEMV_PARALLEL_MIN=0`): within the spread (12.2-15.1
-    against 11.9-13.4 ms).
+  - both threads on SmolLM2's small products (`HIERCOMP_GEMV_PARALLEL_MIN` lowered to 0 this morning, to 1M and
+    400K this afternoon with the fused products): within the spread;
+  - one activation level instead of two in the kernel (a speed probe only: it would break the 1% contract):
+    within the spread on 24 cold 5632x2048 layers (27.6-32.9 against 31.8-35.0 GB/s), so the kernel is bound by
+    memory, not by its extra dot products;
+  - torch's fused `F.rms_norm`: as slow as transformers' five ops at this width (12.8 against 13.7 us).
 """
 
 if __name__ == "__main__":

@@ -548,48 +548,54 @@ def main() -> None:
 READING = """
 ## Reading: where we stand against issue 10's goals
 
-What changed since the previous table (same script, same machine, 2026-12-07 morning):
-- The native kernel hands rows to its threads in blocks of a quarter of each thread's share (up to 256 rows)
-  instead of 16. Each core so reads one long stream of cold weights: 25-29 GB/s became 33-42 GB/s on 2 cores
-  (decode_breakdown.md).
-- torchao's rows are measured again (torchao 0.18.0 in its own venv).
-- llama-cpp-python is 0.3.36.
+What changed since the morning's table (same script, same machine, 2026-12-07 afternoon):
+- Llama-family blocks run a lean forward in the fast runtime (`hiercomp/layers/fused_block.py`): q/k/v and gate/up
+  as one native call each over their stacked rows, the rotary in two ops, no module dispatch inside the block.
+  Kernel calls a token: SmolLM2 211 -> 121, random Llama 57 -> 33.
+- Every torch row decodes through `hiercomp generate`'s own loop (`decode_loop`) instead of transformers'
+  `generate` (~1-1.5 ms a token of per-step machinery), with the full KV cache appended in place
+  (`GrowingCache`) instead of concatenated.
+- Dense float32 layers of a compressed model (the output head kept dense) run on a native float32 GEMV for
+  decode-sized inputs: 33-46 GB/s against torch's 14-20 (SmolLM2's tied head 8.0 -> 2.5 ms).
+- A loaded model whose output head does not read the input embedding maps that table from the file: a decode
+  holds the rows of the tokens it sees.
 
-**Run-to-run spread is large here.** The previous run of this script measured: SmolLM2 fp32 24.3 tok/s, 4-bit
-43.2, 4-bit with the head 47.8, llama.cpp Q4_0 113.6 / 240.0; random Llama fp32 9.4, 4-bit 34.6, with the head
-73.2, llama.cpp Q4_0 72.8 / 171.1. decode_breakdown.py timed llama.cpp's random-Llama step at 5.9 and at 8.9 ms in
-two runs the same hour. Every row takes both threads, so any other work on the 2 cores shows at once. Read the
-ratios below to ±30%.
+**Run-to-run spread is large here.** This script ran four times this afternoon as the changes went in (the last
+two with the decode loop, the last with the float32 GEMV). llama.cpp's Q4_0 random Llama with its head quantized
+measured 147, 125, 107 and 125 tok/s; ours 83, 94, 80 and 95. decode_breakdown.py timed llama.cpp's step at
+5.9 to 9.1 ms across runs the same day. Read every ratio to ±30%.
 
-* **4-bit decode ≥ 2.5x fp32: met on the random Llama; on SmolLM2 with the output head quantized.**
-  - Random Llama 2048/5632×8: 4-bit 42.3 tok/s = 4.13x fp32 (previous run 3.68x); with the output head 4-bit too,
-    86.9 = 8.48x (7.8x).
-  - SmolLM2-135M: 4-bit 43.4 = 2.02x (1.78x). Its tied 49152×576 output head in float32 is 113 of the 182 MB read
-    per token. With the head 4-bit: 63.7 = 2.97x (1.97x).
-* **Within 1.5x of llama.cpp Q4_0: not met, nearest on the random Llama with the head quantized.**
-  - Random Llama, both with the head quantized: llama.cpp on our Q4_0 export 133.3 tok/s against our 86.9, 1.53x
-    (previous run 2.3x). With the head dense: 90.7 against 42.3, 2.1x.
-  - SmolLM2: 101.8 against 43.4, 2.3x; head quantized, 159.1 against 63.7, 2.5x (previous run 5x).
-  - decode_breakdown.md splits our step. On the random Llama the kernels now stream near llama.cpp's rate, and the
-    gap is the ~3.4 ms of Python and small ops around them. On SmolLM2 that part, around 211 small kernel calls a
-    token, is most of the step.
-* **RSS ≤ 0.35x fp32: not met in this run.**
-  - Random Llama with the head quantized: 0.38x (678 MB against 1807). The previous run gave 0.36x, and the one
-    before 0.34x. llama.cpp's own row is 0.39x.
-  - With the head dense: 0.47x (random Llama) and 0.49x (SmolLM2).
-  - SmolLM2 with the head 4-bit: 0.50x. Its float32 input embedding (113 MB) stays, because the head was quantized
-    as a separate matrix. llama.cpp's SmolLM2 rows are 0.47-0.50x.
+* **4-bit decode ≥ 2.5x fp32: met on both models.**
+  - Random Llama 2048/5632×8: 4-bit 61.6 tok/s = 6.90x fp32 (the run before the float32 GEMV: 4.39x); with the
+    output head 4-bit too, 94.5 = 10.6x.
+  - SmolLM2-135M: 4-bit 56.2 = 3.26x (before the float32 GEMV 2.46x, and 2.02x this morning): its tied
+    49152×576 head in float32 is 113 of the 182 MB read per token, now streamed at the int kernel's rate. With
+    the head 4-bit: 64.2 = 3.72x (4.11x the run before).
+* **Within 1.5x of llama.cpp Q4_0: met on the random Llama, not on SmolLM2.**
+  - Random Llama, both heads dense: llama.cpp on our Q4_0 export 69.6 tok/s against our 61.6, 1.13x (before the
+    float32 GEMV 1.57-1.66x). Both heads quantized: 124.7 against 94.5, 1.32x (1.32x and 1.34x in the two runs
+    before; 1.53x this morning).
+  - SmolLM2: 121.4 against 56.2, 2.16x; head quantized, 165.2 against 64.2, 2.57x (1.98x the run before). A
+    SmolLM2 step is ~10 ms of which the kernels are ~4.5: the rest is the ~35 torch ops a block and the Python
+    between them on 576-wide tensors (decode_breakdown.md); llama.cpp's whole step is ~4.3 ms.
+* **RSS ≤ 0.35x fp32: met on the random Llama and on SmolLM2 with its head quantized.**
+  - Random Llama: 4-bit 0.34x (570 MB against 1668), with the head 4-bit 0.23x; 2- and 3-bit 0.30x and 0.35x. This
+    morning 0.47x and 0.38x: the float32 input embedding (262 MB) is now mapped, not read. llama.cpp's rows are
+    0.42-0.55x.
+  - SmolLM2 with the head 4-bit: 0.33x (0.50x this morning). With the head dense: 0.48x, because the tied table
+    is the head and every token reads all of it.
 * **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained).**
-  - The reference runtime meets the 1.2x bound: 87-90% of it at 2, 3 and 4 bits.
-  - The fast runtime is 2-10% over it. What it holds after loading is larger than the stored form: the native
+  - The reference runtime meets the 1.2x bound: 87-88% of it at 2, 3 and 4 bits.
+  - The fast runtime is 10-12% over it. What it holds after loading is larger than the stored form: the native
     layout pads 576-wide rows to 640 and keeps its own float16 zeros.
-  - Fast loads take 0.9-2.0 s.
-* **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.06-0.13x fp32. It exists to
+  - Fast loads take 1.6-2.3 s.
+* **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.11-0.14x fp32. It exists to
   check the fast paths against, not to run.
-* **torchao's int4 path** (bfloat16 activations) decodes SmolLM2 at 54.6 tok/s and the random Llama at 50.2. It
-  is ahead of our 4-bit rows with the head dense, because it quantizes the head too. It is behind our
-  head-quantized rows. It holds 1.4-1.5x the fp32 memory, since its model is loaded in bfloat16 and then
-  converted.
+* **torchao's int4 path** (bfloat16 activations, transformers' model as it is) decodes SmolLM2 at 41.6 tok/s and
+  the random Llama at 52.7, behind our 4-bit rows, at 1.4-1.7x the fp32 memory (loaded in bfloat16, then
+  converted).
+* **Without the native kernel** (`HIERCOMP_NO_NATIVE=1`: torch's int4 kernel, torch's float32 head) 4-bit decodes
+  at 2.3x (SmolLM2) and 3.9x (random Llama) fp32.
 
 llama.cpp's "MB read/token" counts every tensor of the GGUF but the input embedding when the model has a separate
 output matrix (the random Llama, and SmolLM2's head-quantized export), as hiercomp's rows do.
