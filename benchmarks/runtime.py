@@ -584,11 +584,14 @@ measured 147, 125, 107 and 125 tok/s; ours 83, 94, 80 and 95. decode_breakdown.p
     0.42-0.55x.
   - SmolLM2 with the head 4-bit: 0.33x (0.50x this morning). With the head dense: 0.48x, because the tied table
     is the head and every token reads all of it.
-* **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained).**
-  - The reference runtime meets the 1.2x bound: 87-88% of it at 2, 3 and 4 bits.
-  - The fast runtime is 10-12% over it. What it holds after loading is larger than the stored form: the native
-    layout pads 576-wide rows to 640 and keeps its own float16 zeros.
-  - Fast loads take 1.6-2.3 s.
+* **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained; re-measured after
+  the decode rows, with `--load-only`).**
+  - The reference runtime meets the 1.2x bound: 87-90% of it at 2, 3 and 4 bits.
+  - The fast runtime: 98% of it at 4 bits, 100% at 2 and 103% at 3 (110-112% in the day's earlier runs, before
+    each block's stacking gave its freed copies back and codes were unpacked ~128K at a time instead of 1024 rows).
+    What it holds after loading is larger than the stored form: the native layout pads 576-wide rows to 640 and
+    keeps its own float16 zeros.
+  - Fast loads take 1.2-2.2 s.
 * **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.11-0.14x fp32. It exists to
   check the fast paths against, not to run.
 * **torchao's int4 path** (bfloat16 activations, transformers' model as it is) decodes SmolLM2 at 41.6 tok/s and
