@@ -127,3 +127,24 @@ def test_growing_cache_holds_what_dynamic_cache_holds() -> None:
     held = ours.held_bytes()
     full = sum(layer.keys.numel() * 4 * 2 for layer in theirs.layers)
     assert full <= held <= 2 * full + len(ours.layers) * 2 * MIN_SPARE * 4 * 64
+
+
+def test_a_generation_config_that_processes_logits_goes_through_transformers(compressed: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose generation config sets e.g. a repetition penalty generates through transformers' generate,
+    which applies it (hiercomp's loop implements greedy and nucleus sampling only)."""
+    import hiercomp
+    from hiercomp import generate as gen
+
+    cm = hiercomp.load(compressed)
+    cm.model.generation_config.repetition_penalty = 5.0
+    assert gen._config_processes_logits(cm.model)
+    calls: list[int] = []
+    original = gen.decode_loop
+    monkeypatch.setattr(gen, "decode_loop", lambda *a, **k: calls.append(1) or original(*a, **k))
+    gen.generate(cm, "Tom had a", max_new_tokens=4)
+    assert calls == []
+    cm.model.generation_config.repetition_penalty = 1.0
+    assert not gen._config_processes_logits(cm.model)
+    gen.generate(cm, "Tom had a", max_new_tokens=4)
+    assert calls == [1]

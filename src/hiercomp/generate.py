@@ -218,7 +218,7 @@ def generate(
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if seed is not None:
         torch.manual_seed(seed)
-    if past_key_values is None:  # transformers' full cache: hiercomp's own loop (see decode_loop)
+    if past_key_values is None and not _config_processes_logits(module):  # the full cache: hiercomp's own loop
         return _generate_with_loop(module, tokenizer, input_ids, notes, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, stream=stream)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
@@ -248,6 +248,20 @@ def generate(
     return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
                             new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
                             peak_rss_mb=peak_rss_mb(), notes=tuple(notes), **kv_fields)
+
+
+# Generation-config settings that make transformers' generate change the logits beyond temperature and top-p, and
+# their neutral values: a model that sets one generates through transformers, which applies it.
+_LOGIT_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                   "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0, "sequence_bias": None,
+                   "min_length": 0, "min_new_tokens": None, "exponential_decay_length_penalty": None}
+
+
+def _config_processes_logits(module: Any) -> bool:
+    config = getattr(module, "generation_config", None)
+    return config is not None and any(getattr(config, name, neutral) not in (neutral, None)
+                                      for name, neutral in _LOGIT_SETTINGS.items())
 
 
 def _generate_with_loop(module: Any, tokenizer: Any, input_ids: torch.Tensor, notes: list[str], *,
