@@ -560,10 +560,11 @@ What changed since the morning's table (same script, same machine, 2026-12-07 af
 - A loaded model whose output head does not read the input embedding maps that table from the file: a decode
   holds the rows of the tokens it sees.
 
-**Run-to-run spread is large here.** This script ran four times this afternoon as the changes went in (the last
-two with the decode loop, the last with the float32 GEMV). llama.cpp's Q4_0 random Llama with its head quantized
-measured 147, 125, 107 and 125 tok/s; ours 83, 94, 80 and 95. decode_breakdown.py timed llama.cpp's step at
-5.9 to 9.1 ms across runs the same day. Read every ratio to ±30%.
+**Run-to-run spread is large here.** This script ran four times this afternoon as the changes went in (all four with
+the lean block and the mapped embedding, the last three with the decode loop, the last two with the appended cache,
+the last with the float32 GEMV). llama.cpp's Q4_0 random Llama with its head quantized measured 147, 125, 107 and
+125 tok/s; ours 83, 94, 80 and 95. decode_breakdown.py timed llama.cpp's step at 5.9 to 9.1 ms across runs the same
+day. Read every ratio to ±30%.
 
 * **4-bit decode ≥ 2.5x fp32: met on both models.**
   - Random Llama 2048/5632×8: 4-bit 61.6 tok/s = 6.90x fp32 (the run before the float32 GEMV: 4.39x); with the
