@@ -425,6 +425,23 @@ static void sgemv_rows(const float* x, int64_t M, int64_t K, const float* w, int
     }
 }
 
+// Rows [0, N) of a product with M activation rows and K inputs, shared out to threads: f(n0, n1) per block.
+// Small layers run on one thread (a wake-up is ~10 µs, more than such a layer saves; ~1 thread per 256K weights).
+// Blocks are handed out dynamically, each about a quarter of a thread's share (16 to 256 rows): long enough that
+// each core reads one long stream (cold weights, 2 threads: 16-row blocks streamed 25-29 GB/s, these 33-42 GB/s;
+// a 49152x576 head 749 -> 443 us), and four per thread, so that a thread preempted on a shared machine does not
+// leave a whole static share to the end.
+template <class F>
+static void for_row_blocks(int64_t N, int64_t K, int64_t M, int nthreads, F f) {
+    const int64_t work = N * K * (M < 8 ? M : 8) / (1 << 18);
+    const int nt = (int)(work < 1 ? 1 : (work < nthreads ? work : nthreads));
+    int64_t br = (N / (4 * nt) + 15) / 16 * 16;
+    br = br < 16 ? 16 : br > 256 ? 256 : br;
+    const int64_t nblk = (N + br - 1) / br;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t bi = 0; bi < nblk; ++bi) f(bi * br, bi * br + br < N ? bi * br + br : N);
+}
+
 }  // namespace
 
 extern "C" {
@@ -446,48 +463,29 @@ int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16
         free(xq), free(xd), free(xsum);
         return 2;
     }
-    // Small layers: threads cost more than they save (a wake-up is ~10 µs); ~1 thread per 256K codes.
-    const int64_t work = N * Kp * (M < 8 ? M : 8) / (1 << 18);
-    const int nt = (int)(work < 1 ? 1 : (work < nthreads ? work : nthreads));
     const Args a{w, scale, zero, xq, xd, xsum, y, N, Kp, G, group / SC, Kp / SC * 16 * bits};
     const int gm = group == 32 ? G32 : group == 64 ? G64 : BIG;
     // Serial: ~1 µs per 2048 inputs, and a parallel loop here would add a barrier (on a shared machine each
     // barrier can wait a whole scheduler slice for a preempted thread).
     for (int64_t i = 0; i < M; ++i)
         quantize_row(x + i * K, K, Kp, group / 32, xq + i * 2 * Kp, xd + i * (Kp / 8), xsum + i * G);
-    // Blocks of rows handed out dynamically, about a quarter of each thread's share (16 to 256 rows): long
-    // enough that each core reads one long stream (cold weights, 2 threads: 16-row blocks streamed 25-29 GB/s,
-    // these 33-42 GB/s; a 49152x576 head 749 -> 443 us), and four per thread, so that a thread preempted on a
-    // shared machine does not leave a whole static share to the end.
-    int64_t br = (N / (4 * nt) + 15) / 16 * 16;
-    br = br < 16 ? 16 : br > 256 ? 256 : br;
-    const int64_t nblk = (N + br - 1) / br;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t bi = 0; bi < nblk; ++bi) {
-        const int64_t n0 = bi * br, n1 = n0 + br < N ? n0 + br : N;
+    for_row_blocks(N, Kp, M, nthreads, [&](int64_t n0, int64_t n1) {
         if (bits == 1) block_bits<1>(a, gm, n0, n1, M);
         else if (bits == 2) block_bits<2>(a, gm, n0, n1, M);
         else if (bits == 3) block_bits<3>(a, gm, n0, n1, M);
         else block_bits<4>(a, gm, n0, n1, M);
-    }
+    });
     free(xq), free(xd), free(xsum);
     return 0;
 }
 
 int hc_sgemv(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int nthreads) {
     if (M < 1 || K < 1 || N < 1) return 1;
-    const int64_t work = N * K * (M < 8 ? M : 8) / (1 << 18);
-    const int nt = (int)(work < 1 ? 1 : (work < nthreads ? work : nthreads));
-    int64_t br = (N / (4 * nt) + 15) / 16 * 16;
-    br = br < 16 ? 16 : br > 256 ? 256 : br;
-    const int64_t nblk = (N + br - 1) / br;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t bi = 0; bi < nblk; ++bi) {
-        const int64_t n0 = bi * br, n1 = n0 + br < N ? n0 + br : N;
+    for_row_blocks(N, K, M, nthreads, [&](int64_t n0, int64_t n1) {
         int64_t n = n0;
         for (; n + 4 <= n1; n += 4) sgemv_rows<4>(x, M, K, w, n, y, N);
         for (; n < n1; ++n) sgemv_rows<1>(x, M, K, w, n, y, N);
-    }
+    });
     return 0;
 }
 
