@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiercomp.layers import gemv
-from hiercomp.layers.kernels import return_freed_memory
+from hiercomp.layers.kernels import NativeLowBitKernel, return_freed_memory
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, GQA, SwiGLU; no q/k norms
 ATTENTION = ("sdpa", "eager")
@@ -48,7 +48,6 @@ class FusedRows:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         grids = [layer.kernel.grid for layer in layers]
-        first = grids[0]
         self.grid = gemv.PackedGrid.stack(grids)
         self.sizes = [g.out_features for g in grids]
         start = 0
@@ -60,11 +59,10 @@ class FusedRows:
         biases = [layer.bias for layer in layers]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(n) if b is None else b.float() for b, n in zip(biases, self.sizes)])
-        self.in_features = first.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., Σ out_i) float32: the member layers' outputs side by side."""
-        y = self.grid(x.reshape(-1, self.in_features))
+        y = self.grid(x.reshape(-1, self.grid.in_features))
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], -1)
@@ -73,13 +71,8 @@ class FusedRows:
 def fusable(layers: list[nn.Module]) -> bool:
     """Whether these layers can run as one native call: each holds a native-kernel grid, all with the same
     layout (bits, group, padded width)."""
-    from hiercomp.layers.kernels import NativeLowBitKernel
-
     kernels = [getattr(layer, "kernel", None) for layer in layers]
-    if not all(isinstance(k, NativeLowBitKernel) for k in kernels):
-        return False
-    key = {(k.grid.bits, k.grid.group, k.grid.padded, k.grid.in_features) for k in kernels}
-    return len(key) == 1
+    return all(isinstance(k, NativeLowBitKernel) for k in kernels) and len({k.grid.layout for k in kernels}) == 1
 
 
 class _Projections:
@@ -116,7 +109,6 @@ class BlockPlan:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.layer_idx = attn.layer_idx
-        self.config = config
         self.qkv = _Projections([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up = _Projections([mlp.gate_proj, mlp.up_proj])
         self.attention = config._attn_implementation  # read once: the config's attribute lookup is slow
@@ -189,10 +181,8 @@ def _lean_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: 
 
 
 def _supported(model: nn.Module) -> bool:
-    import transformers
-
     config = getattr(model, "config", None)
-    if config is None or int(transformers.__version__.split(".")[0]) < 5:
+    if config is None:
         return False
     if getattr(config, "model_type", None) not in SUPPORTED_TYPES or getattr(config, "sliding_window", None):
         return False

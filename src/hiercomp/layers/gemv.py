@@ -234,13 +234,17 @@ class PackedGrid:
         self.scale = scale32.half().contiguous()
         self.zero = zero32.half().contiguous()
 
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        """(bits, group, padded width, in-features): grids that agree on it compute in one call when stacked."""
+        return self.bits, self.group, self.padded, self.in_features
+
     @classmethod
     def stack(cls, grids: list[PackedGrid]) -> PackedGrid:
         """One grid whose rows are those of ``grids`` in order (same layout, group and width): a product with it
         equals each grid's product side by side, bit for bit (rows are independent in the kernel)."""
         first = grids[0]
-        if any((g.bits, g.group, g.padded, g.in_features) != (first.bits, first.group, first.padded,
-                                                               first.in_features) for g in grids):
+        if any(g.layout != first.layout for g in grids):
             raise ValueError("only grids of the same layout, group and width stack")
         out = cls.__new__(cls)
         out.bits, out.in_features, out.padded, out.group = first.bits, first.in_features, first.padded, first.group
