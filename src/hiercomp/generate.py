@@ -218,26 +218,32 @@ def generate(
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if seed is not None:
         torch.manual_seed(seed)
-    if past_key_values is None and not _config_processes_logits(module):  # the full cache: hiercomp's own loop
-        return _generate_with_loop(module, tokenizer, input_ids, notes, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed, stream=stream)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    extra = {}
-    if past_key_values is not None:  # transformers 5.x renamed generate's past_key_values to cache
-        from hiercomp.kv.adapter import cache_kwargs
-
-        extra = cache_kwargs(past_key_values(module))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = _TimedStreamer(tokenizer, stream)
     start = time.perf_counter()
-    with torch.no_grad():
-        out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                              streamer=streamer, pad_token_id=pad, return_dict_in_generate=True, **sampling, **extra)
-    new = out.sequences[0, input_ids.shape[1]:]
+    if past_key_values is None and not _config_processes_logits(module):  # the full cache: hiercomp's own loop
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            new, cache = decode_loop(module, input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                     generator=generator, eos_ids=eos_token_ids(module, tokenizer),
+                                     on_token=streamer.put)
+        streamer.end()
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        extra = {}
+        if past_key_values is not None:  # transformers 5.x renamed generate's past_key_values to cache
+            from hiercomp.kv.adapter import cache_kwargs
+
+            extra = cache_kwargs(past_key_values(module))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with torch.no_grad():
+            out = module.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad,
+                                  return_dict_in_generate=True, **sampling, **extra)
+        new = out.sequences[0, input_ids.shape[1]:]
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     stamps = streamer.stamps or [time.perf_counter()]
     kv_fields: dict[str, Any] = {}
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if maker is not None:
         kv_fields = {"kv_spec": maker.spec.text, "kv_bytes": float(maker.last.held_bytes()),
                      "kv_full_bytes": float(kv_use.full_cache_bytes(module, maker.last.get_seq_length()))}
@@ -262,24 +268,6 @@ def _config_processes_logits(module: Any) -> bool:
     config = getattr(module, "generation_config", None)
     return config is not None and any(getattr(config, name, neutral) not in (neutral, None)
                                       for name, neutral in _LOGIT_SETTINGS.items())
-
-
-def _generate_with_loop(module: Any, tokenizer: Any, input_ids: torch.Tensor, notes: list[str], *,
-                        max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                        stream: Callable[[str], None] | None) -> GenerationResult:
-    from hiercomp.kv.evaluate import cache_bytes
-
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    streamer = _TimedStreamer(tokenizer, stream)
-    start = time.perf_counter()
-    with torch.no_grad():
-        new, cache = decode_loop(module, input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                                 generator=generator, eos_ids=eos_token_ids(module, tokenizer), on_token=streamer.put)
-    streamer.end()
-    stamps = streamer.stamps or [time.perf_counter()]
-    return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), prompt_tokens=input_ids.shape[1],
-                            new_tokens=int(new.numel()), prefill_s=stamps[0] - start, decode_s=stamps[-1] - stamps[0],
-                            peak_rss_mb=peak_rss_mb(), notes=tuple(notes), kv_bytes=cache_bytes(cache))
 
 
 def print_stream(text: str) -> None:
