@@ -113,17 +113,16 @@ def _load(model: Any, runtime: str) -> tuple[Any, Any, list[str], Any]:
 def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token from (batch, vocab) logits: argmax, or a sample at ``temperature`` from the smallest set of
-    tokens whose probability reaches ``top_p`` (nucleus sampling, as transformers' TopPLogitsWarper keeps it)."""
+    tokens whose probability reaches ``top_p``, through transformers' own warpers (what its generate samples
+    from)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
     if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the more probable ones already reach top_p (the most probable always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def decode_loop(module: Any, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
