@@ -30,20 +30,18 @@ class GrowingLayer(DynamicLayer):
     def _in_buffers(self) -> bool:
         """Whether keys/values still are views at the start of the buffers (a reorder or batch select in
         transformers replaces them with new tensors; a crop keeps them as shorter views)."""
-        kb = self.key_buffer
-        return (kb is not None and self.keys.numel() > 0 and self.keys.data_ptr() == kb.data_ptr()
-                and self.values.data_ptr() == self.value_buffer.data_ptr()
-                and self.keys.shape[:2] == kb.shape[:2] and self.keys.stride() == kb.stride())
+        return (self.keys.data_ptr() == self.key_buffer.data_ptr() and self.keys.stride() == self.key_buffer.stride()
+                and self.values.data_ptr() == self.value_buffer.data_ptr())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        held, new = self.get_seq_length(), key_states.shape[-2]
-        need = held + new
-        fits = held == 0 or self._in_buffers()
-        if not fits or self.key_buffer is None or need > self.key_buffer.shape[-2] \
-                or self.key_buffer.shape[:2] != key_states.shape[:2]:
+        held = self.get_seq_length()
+        need = held + key_states.shape[-2]
+        buffer = self.key_buffer
+        if buffer is None or need > buffer.shape[-2] or buffer.shape[:2] != key_states.shape[:2] \
+                or (held and not self._in_buffers()):
             capacity = need + max(MIN_SPARE, need // 2)
             key_buffer = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
             value_buffer = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
