@@ -64,6 +64,10 @@ def prepare_env(root: Path) -> dict[str, Path]:
     for name, source in (("packed", env["stories"]), ("packed_b", perturbed)):
         hiercomp.compress(str(source), Recipe.single("rtn", bits=4, group_size=32), out=root / name, progress=False)
         env[name] = root / name
+    # the output head compressed too: loading maps the input embedding from the file instead of reading it
+    hiercomp.compress(str(env["stories"]), {"rules": [{"method": "rtn", "bits": 4, "group_size": 32}], "ignore": []},
+                      out=root / "packed_head", progress=False)
+    env["packed_head"] = root / "packed_head"
     tokens = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     hiercomp.compress(str(env["stories"]), Recipe.single("bitstack", n_blocks=3), tokens, out=root / "bitstack",
                       progress=False)
@@ -241,9 +245,10 @@ def _tokenizer_missing(env: dict[str, Path], case: Path) -> list[str]:
 # Compressed folders (export DIR --out OUT loads them; eval for the one read as an original)
 
 
-def _packed(edit: Callable[[Path], None], via: str = "export") -> Callable[[dict[str, Path], Path], list[str]]:
+def _packed(edit: Callable[[Path], None], via: str = "export",
+            source: str = "packed") -> Callable[[dict[str, Path], Path], list[str]]:
     def build(env: dict[str, Path], case: Path) -> list[str]:
-        folder = model_copy(env, case, "packed")
+        folder = model_copy(env, case, source)
         edit(folder)
         if via == "eval":
             return ["eval", str(folder), "--text", str(env["text"]), "--max-windows", "1", "--seq-len", "32",
@@ -542,6 +547,9 @@ CASES: list[Case] = [
     Case("folder: truncated model.safetensors", _packed(lambda f: truncate(f / "model.safetensors")), "truncated"),
     Case("folder: truncated model.safetensors, no hashes",
          _packed(lambda f: (truncate(f / "model.safetensors"), edit_json(f / "hiercomp.json", unhashed))), "damaged"),
+    Case("folder, head compressed (embedding mapped): truncated model.safetensors, no hashes",
+         _packed(lambda f: (truncate(f / "model.safetensors"), edit_json(f / "hiercomp.json", unhashed)), via="eval",
+                 source="packed_head"), "damaged"),
     Case("folder: safetensors header length 1 TB, no hashes",
          _packed(lambda f: (_huge_header(f), edit_json(f / "hiercomp.json", unhashed))), "damaged"),
     Case("folder: model.safetensors missing", _packed(lambda f: (f / "model.safetensors").unlink()),
