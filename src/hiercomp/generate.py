@@ -139,6 +139,7 @@ def decode_loop(module: Any, input_ids: torch.Tensor, max_new_tokens: int, *, te
     prompt first, then each new token (a transformers streamer's ``put``)."""
     from hiercomp.kv.adapter import cache_kwargs
     from hiercomp.kv.growing import GrowingCache
+    from hiercomp.layers import native_step
 
     if input_ids.shape[0] != 1:
         raise HiercompError("decode_loop takes one prompt (batch 1)")
@@ -147,6 +148,8 @@ def decode_loop(module: Any, input_ids: torch.Tensor, max_new_tokens: int, *, te
     if on_token is not None:
         on_token(input_ids)
     logits = module(input_ids=input_ids, use_cache=True, logits_to_keep=1, **key).logits[:, -1]
+    # Decode steps of a fast-runtime Llama-family model in one native call each, where it qualifies.
+    step = native_step.build(module, cache) if max_new_tokens > 1 else None
     new: list[torch.Tensor] = []
     while True:
         token = pick_token(logits, temperature, top_p, generator)
@@ -154,8 +157,13 @@ def decode_loop(module: Any, input_ids: torch.Tensor, max_new_tokens: int, *, te
         if on_token is not None:
             on_token(token)
         if len(new) >= max_new_tokens or (len(new) >= min_new_tokens and int(token) in eos_ids):
+            if step is not None:
+                step.sync()
             return torch.cat(new), cache
-        logits = module(input_ids=token.view(1, 1), use_cache=True, logits_to_keep=1, **key).logits[:, -1]
+        if step is not None:
+            logits = step(token)
+        else:
+            logits = module(input_ids=token.view(1, 1), use_cache=True, logits_to_keep=1, **key).logits[:, -1]
 
 
 def eos_token_ids(module: Any, tokenizer: Any = None) -> tuple[int, ...]:

@@ -39,21 +39,39 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         held = self.get_seq_length()
         need = held + key_states.shape[-2]
-        buffer = self.key_buffer
-        if buffer is None or need > buffer.shape[-2] or buffer.shape[:2] != key_states.shape[:2] \
-                or (held and not self._in_buffers()):
-            capacity = need + max(MIN_SPARE, need // 2)
-            key_buffer = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
-            value_buffer = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
-            if held:
-                key_buffer[:, :, :held] = self.keys
-                value_buffer[:, :, :held] = self.values
-            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.make_room(key_states.shape[-2], key_states, value_states)
         self.key_buffer[:, :, held:need] = key_states
         self.value_buffer[:, :, held:need] = value_states
         self.keys = self.key_buffer[:, :, :need]
         self.values = self.value_buffer[:, :, :need]
         return self.keys, self.values
+
+    def make_room(self, tokens: int, key_like: torch.Tensor | None = None,
+                  value_like: torch.Tensor | None = None) -> None:
+        """Make the buffers hold ``tokens`` more past what is held, with the held keys and values at their start
+        (new buffers, half again as large, where they are too small, missing, of another batch or no longer
+        behind ``keys``). ``key_like``/``value_like``: the new tokens' shape and dtype (default: the held ones)."""
+        key_like = self.keys if key_like is None else key_like
+        value_like = self.values if value_like is None else value_like
+        held = self.get_seq_length()
+        need = held + tokens
+        buffer = self.key_buffer
+        if buffer is None or need > buffer.shape[-2] or buffer.shape[:2] != key_like.shape[:2] \
+                or (held and not self._in_buffers()):
+            capacity = need + max(MIN_SPARE, need // 2)
+            key_buffer = key_like.new_empty(*key_like.shape[:2], capacity, key_like.shape[-1])
+            value_buffer = value_like.new_empty(*value_like.shape[:2], capacity, value_like.shape[-1])
+            if held:
+                key_buffer[:, :, :held] = self.keys
+                value_buffer[:, :, :held] = self.values
+            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+
+    def set_length(self, tokens: int) -> None:
+        """Hold the first ``tokens`` of the buffers (written there in place, e.g. by the native decode step)."""
+        if self.key_buffer is None or tokens > self.key_buffer.shape[-2]:
+            raise ValueError(f"the buffers hold no {tokens} tokens")
+        self.keys = self.key_buffer[:, :, :tokens]
+        self.values = self.value_buffer[:, :, :tokens]
 
     def reset(self) -> None:
         super().reset()

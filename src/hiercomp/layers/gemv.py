@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
+# Built into the same library: the whole decode step of a Llama-family model around the kernels (native_step.py).
+SOURCES = (SOURCE, Path(__file__).with_name("decode.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 CHUNK = 128  # the packed layout pads the in-features to a multiple of this (gemv.cpp's superchunk)
 BLOCK = 32  # the activation's int8 block
@@ -60,7 +62,8 @@ def _cache_dir() -> Path:
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, built once per (source, flags, machine, CPU) and renamed into place atomically
     (parallel processes building at once each rename a complete file)."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join((compiler, *flags)).encode(),
+    sources = [src.read_bytes() for src in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join((compiler, *flags)).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"gemv-{key}.so"
     if target.exists():
@@ -69,7 +72,8 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        run = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                             timeout=300)
         if run.returncode:
             raise OSError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -92,6 +96,8 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.hc_gemm.restype = ctypes.c_int
     lib.hc_sgemv.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.hc_sgemv.restype = ctypes.c_int
+    lib.hc_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_double, ptr, ptr]
+    lib.hc_decode_step.restype = ctypes.c_int
     return lib
 
 
@@ -109,7 +115,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = build_library()
     except (OSError, subprocess.SubprocessError) as err:
-        return None, f"building {SOURCE.name} failed: {err}"
+        return None, f"building {' and '.join(src.name for src in SOURCES)} failed: {err}"
     return lib, lib.hc_isa().decode()
 
 
