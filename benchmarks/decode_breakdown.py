@@ -80,8 +80,31 @@ def breakdown(folder: Path, vocab: int) -> dict:
                                   logits_to_keep=1).logits[:, -1:].argmax(-1)
             return 1000 * (time.perf_counter() - start) / NEW
 
+    def native_ms() -> tuple[float, float]:
+        """(ms a token of the native step's blocks call, ms of the whole step: the head and argmax too)."""
+        from hiercomp.layers import native_step
+
+        with torch.no_grad():
+            cache = GrowingCache(config=model.config)
+            token = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            step = native_step.build(model, cache)
+            if step is None:
+                return float("nan"), float("nan")
+            start = time.perf_counter()
+            for _ in range(NEW):
+                step.hidden(token)
+            blocks = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(NEW):
+                token = step(token).argmax(-1)
+            return 1000 * blocks / NEW, 1000 * (time.perf_counter() - start) / NEW
+
     generate_ms(), loop_ms()  # warm-up: the kernel library, allocator, caches
     gen = min(generate_ms() for _ in range(3))
+    native = min(native_ms() for _ in range(3))
+    os.environ["HIERCOMP_NO_NATIVE_STEP"] = "1"  # the same loop through the torch blocks
+    gen_torch = min(generate_ms() for _ in range(3))
+    del os.environ["HIERCOMP_NO_NATIVE_STEP"]
     loop = min(loop_ms() for _ in range(3))
 
     # The split: one instrumented bare loop (profiler on, each kernel call a named range), three times; each part's
@@ -102,7 +125,9 @@ def breakdown(folder: Path, vocab: int) -> dict:
     finally:
         gemv.PackedGrid.__call__ = original
     median = {k: sorted(s[k] for s in shares)[1] for k in shares[0]}
-    return {"generate_ms": gen, "loop_ms": loop, **{f"{k}_ms": loop * v for k, v in median.items() if k != "calls"},
+    return {"generate_ms": gen, "native_blocks_ms": native[0], "native_step_ms": native[1],
+            "generate_torch_blocks_ms": gen_torch, "loop_ms": loop,
+            **{f"{k}_ms": loop * v for k, v in median.items() if k != "calls"},
             "kernel_calls": median["calls"] / NEW}
 
 
@@ -193,12 +218,19 @@ def main() -> None:
         "", "\n\n".join(__doc__.split("\n\n")[1:3]).replace("``", "`").strip(), "",
         f"ms per new token, {THREADS} threads, {PROMPT}-token prompt, {NEW} decode steps; generate and the bare loop "
         "best of 3.", "",
-        markdown_table(rows, [("model", "model", None), ("generate_ms", "generate", f2), ("loop_ms", "bare loop", f2),
+        "Native decode step (`hiercomp/layers/native_step.py`, what `generate` now runs on these models): the "
+        "step's one native call through every block, and the whole step (that call, the output head, the argmax).",
+        "", markdown_table(rows, [("model", "model", None), ("generate_ms", "generate", f2),
+                                  ("native_step_ms", "native step", f2), ("native_blocks_ms", "of it: blocks call", f2),
+                                  ("llama_cpp_ms", "llama.cpp Q4_0", f2), ("gap", "generate / llama.cpp", f2)]), "",
+        "The torch blocks (`HIERCOMP_NO_NATIVE_STEP=1`: the lean torch blocks around the same kernels, the path before "
+        "the native step) and their split: a bare loop of model calls under torch.profiler.", "",
+        markdown_table(rows, [("model", "model", None), ("generate_torch_blocks_ms", "generate, torch blocks", f2),
+                              ("loop_ms", "bare loop", f2),
                               ("kernel_ms", "kernels", f2),
                               ("attention_ms", "attention", f2), ("cat_ms", "cache cat", f2),
                               ("other_ms", "other ops", f2), ("python_ms", "Python", f2),
-                              ("kernel_calls", "kernel calls / token", "{:.0f}".format),
-                              ("llama_cpp_ms", "llama.cpp Q4_0", f2), ("gap", "generate / llama.cpp", f2)]),
+                              ("kernel_calls", "kernel calls / token", "{:.0f}".format)]),
         "", READING])
     (RESULTS / "decode_breakdown.md").write_text(text + "\n")
     print(text)

@@ -93,10 +93,17 @@ def _timed_generate(model, vocab: int, prompt: int, new: int) -> dict:
     original_put = streamer.put
     streamer.put = lambda value: (original_put(value), cpu.append(time.process_time()))
     start = time.perf_counter()
+    from hiercomp.layers import native_step
+
+    built = []
+    original_build = native_step.build
+    native_step.build = lambda *args: built.append(original_build(*args)) or built[-1]
     with torch.no_grad():  # the loop `hiercomp generate` runs, for every torch row alike
         decode_loop(model, ids, new, on_token=streamer.put)
+    native_step.build = original_build
     stamps = streamer.stamps
-    return {"prefill_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+    return {"native_step": any(step is not None for step in built), "prefill_s": stamps[0] - start,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "decode_tok_cpu_s": (len(stamps) - 1) / (cpu[-1] - cpu[1]), "new_tokens": len(stamps),
             "prompt_tokens": prompt}
 
@@ -408,6 +415,10 @@ def measure(quick: bool) -> tuple[list[dict], dict]:
                 add(f"{name}, fast on torch's int4 kernel", {"kind": "hiercomp", "path": str(folder),
                                                             "runtime": "fast", "env": {"HIERCOMP_NO_NATIVE": "1"}},
                     note="HIERCOMP_NO_NATIVE=1: the path before the native kernel")
+                add(f"{name}, fast, torch blocks", {"kind": "hiercomp", "path": str(folder), "runtime": "fast",
+                                                   "env": {"HIERCOMP_NO_NATIVE_STEP": "1"}},
+                    note="HIERCOMP_NO_NATIVE_STEP=1: native kernels in transformers-arithmetic torch blocks, the "
+                         "path before the native decode step")
                 head = compressed(source, bits, grp, sym, WORK / f"{slug}-rtn{bits}-g{grp}-head", head=True)
                 add(f"{name}, output head 4-bit too, fast", {"kind": "hiercomp", "path": str(head),
                                                              "runtime": "fast"})
@@ -455,6 +466,8 @@ def render(rows: list[dict], facts: dict) -> str:
             row["speedup"] = row["decode_tok_s"] / fp32["decode_tok_s"]
             row["cpu_speedup"] = row["decode_tok_cpu_s"] / fp32["decode_tok_cpu_s"]
             row["rss_ratio"] = row["model_mb"] / fp32["model_mb"]
+        if row.get("native_step"):
+            row["note"] = "; ".join(filter(None, ["native decode step", row.get("note")]))
         if row.get("error"):
             row["note"] = row["error"]
     f1, f2, f0 = (lambda v: f"{v:.1f}"), (lambda v: f"{v:.2f}"), (lambda v: f"{v:.0f}")

@@ -85,8 +85,8 @@ class NativeStep:
         self.final_eps = _eps(base.norm)
         plan: BlockPlan = blocks[0]._hiercomp_plan
         config = module.config
-        self.hidden = config.hidden_size
-        self.shape = _Shape(self.hidden, plan.heads, plan.kv_heads, plan.head_dim, config.intermediate_size,
+        self.hidden_size = config.hidden_size
+        self.shape = _Shape(self.hidden_size, plan.heads, plan.kv_heads, plan.head_dim, config.intermediate_size,
                             torch.get_num_threads(), plan.scaling)
         self.keep: list[torch.Tensor] = []  # tensors the structures point into (converted copies included)
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # layers computed through the callback
@@ -97,8 +97,8 @@ class NativeStep:
         for spec, block in zip(self.blocks, blocks):
             self._fill(spec, block)
         self._point_at_cache()
-        self.x = torch.empty(self.hidden)
-        self.out = torch.empty(1, 1, self.hidden)
+        self.x = torch.empty(self.hidden_size)
+        self.out = torch.empty(1, 1, self.hidden_size)
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -174,6 +174,11 @@ class NativeStep:
     @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (1, vocab) after ``token`` (one id)."""
+        return self.head(self.hidden(token))[:, -1].float()
+
+    @torch.no_grad()
+    def hidden(self, token: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden state (1, 1, hidden) after ``token``: every block, the head not applied."""
         if self.length >= min(spec.capacity for spec in self.blocks):  # the buffers are full: grow them
             self.sync()
             for idx in self.layer_ids:
@@ -192,7 +197,7 @@ class NativeStep:
         if rc:
             raise RuntimeError(f"hc_decode_step failed ({rc})")
         self.length += 1
-        return self.head(self.out)[:, -1].float()
+        return self.out
 
 
 def _plain_dense(layer: nn.Module) -> bool:
