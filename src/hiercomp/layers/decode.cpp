@@ -6,9 +6,9 @@
 // kernels, 2.5 ms in ~35 small torch ops a block (norms, rotary, attention, SiLU, residual adds) and 4 ms of Python
 // between them, against llama.cpp's whole step of 4.3 ms. Here the small ops are a few loops over a few thousand
 // floats each, and Python is called once a token instead of ~1000 times. The projections are the same kernels
-// (hc_gemm on a packed grid, hc_sgemv on a dense float32 weight) with the same arguments as the torch path calls
-// them, so their outputs are the same bits; the rest is transformers' arithmetic in float32 in another order
-// (attention's sums, exp): logits equal the torch path's within float rounding, not bit for bit.
+// (hc_gemm on a packed grid, hc_sgemv on a dense float32 weight) called as the torch path calls them (the same
+// input gives the same bits); the rest is transformers' arithmetic in float32 in another order (the norm's and
+// attention's sums, exp): logits equal the torch path's within float rounding, not bit for bit.
 //
 // Per block, on the residual stream x (hidden floats), as transformers' LlamaDecoderLayer with sdpa attention:
 //   h = rms_norm(x) * w_attn; q, k, v = h W_qkv (+ bias); q, k rotated (rotate_half form) by cos, sin;

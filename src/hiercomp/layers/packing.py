@@ -73,7 +73,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.to(torch.int32)
 
 
-UNPACK_CODES = 1 << 17  # codes unpacked at a time by unpack_rows_uint8 (default): ~2 MB of temporaries
+# Codes unpacked at a time by unpack_rows_uint8 (default): ~0.5 MB of temporaries. 128K at a time (~2 MB, more once
+# the heap fragments) put SmolLM2's 3-bit fast load up to 6 MiB over its 1.2x bound, 32K 1-4 MiB under it; 16K
+# made the random Llama's 3-bit load 2.9 -> 5.3 s (per-chunk overhead) for no further gain.
+UNPACK_CODES = 1 << 15
 
 
 def unpack_rows_uint8(packed: torch.Tensor, bits: int, rows: int, cols: int, chunk: int | None = None) -> torch.Tensor:
