@@ -1,12 +1,18 @@
 """Where one decode step of a 4-bit model goes: the compressed layers' kernels against everything around them.
 
-runtime.md shows hiercomp's 4-bit decode 2-5x behind llama.cpp's on the same Q4_0 weights. This script splits a
-step of hiercomp's fast runtime (2 threads, batch 1, a 128-token prompt of random ids, greedy) into:
+runtime.md compared hiercomp's 4-bit decode with llama.cpp's on the same Q4_0 weights, 2-5x behind before the
+native decode step. This script splits a step of hiercomp's fast runtime (2 threads, batch 1, a 128-token prompt of
+random ids, greedy) into:
 
 - ``generate``: ms per new token through the loop `hiercomp generate` and runtime.py run
-  (``hiercomp.generate.decode_loop``; before 2026-12-07 afternoon, transformers' ``generate``: ~1-1.5 ms more);
-- ``bare loop``: the same model called token by token with the same cache (``GrowingCache``: transformers' full
-  cache appended in place) and an argmax, nothing else;
+  (``hiercomp.generate.decode_loop``, which takes the native decode step where the model qualifies; before
+  2026-12-07 afternoon, transformers' ``generate``: ~1-1.5 ms more);
+- ``native step``: the native step alone (``hiercomp.layers.native_step``) token by token with an argmax, and of
+  it the one native call through every block (the rest: the embedding and rotary rows, the output head);
+- ``generate, torch blocks``: the same loop with ``HIERCOMP_NO_NATIVE_STEP=1`` (the lean torch blocks around the
+  same kernels: the path before the native step);
+- ``bare loop``: the model called token by token through the torch blocks with the same cache (``GrowingCache``:
+  transformers' full cache appended in place) and an argmax, nothing else;
 - the bare loop's time split into: ``kernels``, the compressed layers' native kernel calls; ``attention``, torch's
   scaled-dot-product attention; ``cache cat``, ``aten::cat`` (transformers' DynamicCache appended each step's keys
   and values by concatenation, copying the whole cache, until GrowingCache replaced it); ``other ops``, every
@@ -240,29 +246,24 @@ def main() -> None:
 READING = """\
 ## Reading
 
-* **Random Llama, 4-bit g128 with the head: 9.55 ms a token against llama.cpp's 9.06 in this run (1.05x), 1.23x
-  and 1.76x in the two runs before the same afternoon, 1.57x this morning.** llama.cpp's own step is the least
-  stable number here: 5.9 to 9.1 ms across runs of the same file the same day. Against its fastest (5.91 ms) our
-  9.0-9.6 ms would be 1.5-1.6x. The kernels take 6.1 ms of our 9.0 ms bare loop, streaming the 230 MB a step reads
-  at 38 GB/s; Python 1.6, other ops 0.9, attention 0.4.
-* **On the Q4_0 file's own weights (g32 symmetric): 8.70 ms, 0.96x llama.cpp in this run (1.37x the run before,
-  2.11x this morning).** Our g32 layout still keeps a float16 zero per group even when it is symmetric (0.625 bytes
-  a weight against Q4_0's 0.5625).
-* **SmolLM2, 4-bit g64 with the head: 11.34 ms against 4.31, 2.63x (2.52x the run before, 2.98x this morning).**
-  The kernels take 4.5 ms over 121 calls (211 this morning). The rest is the ~35 small torch ops a block on
-  576-wide tensors (other ops 2.5 ms, attention 0.9) and the Python between them (4.0 ms). llama.cpp's whole step
-  is shorter than our kernels alone: closing this needs the block's small ops fused into native code, not a
-  faster GEMV.
-* **What this afternoon's changes did** (same machine, runs minutes apart, so read them to ±30%):
-  - q/k/v and gate/up as one native call each, the rotary in two ops, no module dispatch inside a block
-    (`hiercomp/layers/fused_block.py`): SmolLM2's bare loop 14.8 -> 10.6 ms, the random Llama's 10.1 -> 8.8;
-  - `hiercomp generate`'s own decode loop instead of transformers' `generate`: ~1-1.5 ms a token less;
-  - the KV cache appended in place (`GrowingCache`): `cache cat` 1.1 -> 0.1 ms on SmolLM2, 0.3-0.4 -> 0.04 on the
-    random Llama.
-* **Tried, no gain:**
+* **The native decode step closes the gap on SmolLM2: 6.03 ms a token against llama.cpp's 6.02 in this run (1.00x;
+  2.63x in the previous table, 2.2-3.0x across the day's earlier runs).** The step's one native call through the 30
+  blocks takes 4.93 ms; the output head, the embedding and rotary rows and the argmax ~1.1. The same loop through
+  the torch blocks (`HIERCOMP_NO_NATIVE_STEP=1`) took 13.86 ms in this run: its bare loop spends 4.9 ms in the
+  kernels, 2.6 in the small torch ops, 0.9 in attention and 4.1 in Python between them. The native step replaced
+  the last three with ~0.5 ms of plain loops.
+* **Random Llama, 4-bit g128 with the head: 8.20 ms against llama.cpp's 10.18 (0.81x: ours faster);** on the Q4_0
+  file's own weights (g32 symmetric) 11.49 against 10.18 (1.13x). Here the kernels were already most of the step
+  (5.7 of the torch blocks' 9.6 ms bare loop), so the native step gains less: 11.34 -> 8.20 ms.
+* **llama.cpp's step is not stable across runs on this shared machine:** SmolLM2 4.3 ms in the previous run, 6.0 in
+  this one; the random Llama 5.9 to 10.2 ms across the day. runtime.md's run the same evening measured the ratios
+  at 1.10x (SmolLM2, heads dense), 0.91x (SmolLM2, heads quantized), 0.79x and 1.28x (random Llama).
+* **What is left in our step:** SmolLM2's products are small (576 wide) and run on one thread each
+  (`HIERCOMP_GEMV_PARALLEL_MIN`): lowering that to use both threads made the blocks call slower (5.8-6.2 against
+  4.5-4.8 ms), as it did on the torch path. The kernel keeps a second int8 level of the activation (~15-bit inputs,
+  for the 1% contract) that llama.cpp's Q8_0 does not.
+* **Tried earlier, no gain:**
   - a static cache instead of the DynamicCache: 15.7 against 13.9 ms (random Llama, 1 thread, shared machine);
-  - both threads on SmolLM2's small products (`HIERCOMP_GEMV_PARALLEL_MIN` lowered to 0 this morning, to 1M and
-    400K this afternoon with the fused products): within the spread;
   - one activation level instead of two in the kernel (a speed probe only: it would break the 1% contract):
     within the spread on 24 cold 5632x2048 layers (27.6-32.9 against 31.8-35.0 GB/s), so the kernel is bound by
     memory, not by its extra dot products;

@@ -591,58 +591,53 @@ def main() -> None:
 READING = """
 ## Reading: where we stand against issue 10's goals
 
-What changed since the morning's table (same script, same machine, 2026-12-07 afternoon):
-- Llama-family blocks run a lean forward in the fast runtime (`hiercomp/layers/fused_block.py`): q/k/v and gate/up
-  as one native call each over their stacked rows, the rotary in two ops, no module dispatch inside the block.
-  Kernel calls a token: SmolLM2 211 -> 121, random Llama 57 -> 33.
-- Every torch row decodes through `hiercomp generate`'s own loop (`decode_loop`) instead of transformers'
-  `generate` (~1-1.5 ms a token of per-step machinery), with the full KV cache appended in place
-  (`GrowingCache`) instead of concatenated.
-- Dense float32 layers of a compressed model (the output head kept dense) run on a native float32 GEMV for
-  decode-sized inputs: 33-46 GB/s against torch's 14-20 (SmolLM2's tied head 8.0 -> 2.5 ms).
-- A loaded model whose output head does not read the input embedding maps that table from the file: a decode
-  holds the rows of the tokens it sees.
+What changed since the previous table (same script, same machine, 2026-12-07 evening):
+- **A native decode step** (`hiercomp/layers/decode.cpp`, `hiercomp/layers/native_step.py`): in a batch-1 decode,
+  every decoder block of a Llama-family model runs in one native call (norms, rotary, attention over the cache,
+  SiLU, residual adds around the same kernels), writing the new keys and values into the GrowingCache's buffers.
+  Python is left the embedding row, the rotary row and the output head. Rows marked "native decode step" took it;
+  the "torch blocks" rows (`HIERCOMP_NO_NATIVE_STEP=1`) are the previous path, measured in the same run.
+- A compressed output head of a tied model no longer counts the embedding table as read (tie_weights leaves the
+  table on the head as `weight`, which it never reads): SmolLM2's head-4-bit rows read 88 MB a token, not 274.
+- The load table gives the model data's peak (anonymous memory, sampled every 0.2 ms) apart from the torch code
+  pages the load touches for the first time (file-backed).
 
-**Run-to-run spread is large here.** This script ran four times this afternoon as the changes went in (all four with
-the lean block and the mapped embedding, the last three with the decode loop, the last two with the appended cache,
-the last with the float32 GEMV). llama.cpp's Q4_0 random Llama with its head quantized measured 147, 125, 107 and
-125 tok/s; ours 83, 94, 80 and 95. decode_breakdown.py timed llama.cpp's step at 5.9 to 9.1 ms across runs the same
-day. Read every ratio to ±30%.
+**Run-to-run spread is large here** (a shared machine: ±30%, and llama.cpp's own step moved 5.9-10.2 ms across
+runs the same day). Read every ratio below to that.
 
 * **4-bit decode ≥ 2.5x fp32: met on both models.**
-  - Random Llama 2048/5632×8: 4-bit 61.6 tok/s = 6.90x fp32 (the run before the float32 GEMV: 4.39x); with the
-    output head 4-bit too, 94.5 = 10.6x.
-  - SmolLM2-135M: 4-bit 56.2 = 3.26x (before the float32 GEMV 2.46x, and 2.02x this morning): its tied
-    49152×576 head in float32 is 113 of the 182 MB read per token, now streamed at the int kernel's rate. With
-    the head 4-bit: 64.2 = 3.72x (4.11x the run before).
-* **Within 1.5x of llama.cpp Q4_0: met on the random Llama, not on SmolLM2.**
-  - Random Llama, both heads dense: llama.cpp on our Q4_0 export 69.6 tok/s against our 61.6, 1.13x (before the
-    float32 GEMV 1.57-1.66x). Both heads quantized: 124.7 against 94.5, 1.32x (1.32x and 1.34x in the two runs
-    before; 1.53x this morning).
-  - SmolLM2: 121.4 against 56.2, 2.16x; head quantized, 165.2 against 64.2, 2.57x (1.98x the run before). A
-    SmolLM2 step is ~10 ms of which the kernels are ~4.5: the rest is the ~35 torch ops a block and the Python
-    between them on 576-wide tensors (decode_breakdown.md); llama.cpp's whole step is ~4.3 ms.
-* **RSS ≤ 0.35x fp32: met on the random Llama and on SmolLM2 with its head quantized.**
-  - Random Llama: 4-bit 0.34x (570 MB against 1668), with the head 4-bit 0.23x; 2- and 3-bit 0.30x and 0.35x. This
-    morning 0.47x and 0.38x: the float32 input embedding (262 MB) is now mapped, not read. llama.cpp's rows are
-    0.42-0.55x.
-  - SmolLM2 with the head 4-bit: 0.33x (0.50x this morning). With the head dense: 0.48x, because the tied table
-    is the head and every token reads all of it.
-* **Lean loading (peak of the load call alone, model without tokenizer, as from_pretrained; re-measured after
-  the decode rows, with `--load-only`).**
-  - The reference runtime meets the 1.2x bound: 87-90% of it at 2, 3 and 4 bits.
-  - The fast runtime: 98% of it at 4 bits, 100% at 2 and 103% at 3 (110-112% in the day's earlier runs, before
-    each block's stacking gave its freed copies back and codes were unpacked ~128K at a time instead of 1024 rows).
-    What it holds after loading is larger than the stored form: the native layout pads 576-wide rows to 640 and
-    keeps its own float16 zeros.
-  - Fast loads take 1.2-2.2 s.
-* **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.11-0.14x fp32. It exists to
+  - SmolLM2-135M: 4-bit 97.7 tok/s = 5.85x fp32 (3.26x in the previous table; torch blocks in this run 59.4 =
+    3.55x); with the output head 4-bit too, 169.3 = 10.1x. 3-bit 5.9x, 2-bit 7.9x, 8-bit 3.9x.
+  - Random Llama 2048/5632×8: 4-bit 76.1 = 7.78x (torch blocks 52.7 = 5.39x); head 4-bit 88.5 = 9.05x.
+* **Within 1.5x of llama.cpp Q4_0: met on both models.**
+  - SmolLM2: llama.cpp on our Q4_0 export 107.5 tok/s against our 4-bit 97.7, 1.10x (2.16x in the previous
+    table). Both heads quantized: 153.4 against 169.3, 0.91x: ours is faster. Q8_0 against our 8-bit: 1.37x.
+  - Random Llama: heads dense, 59.8 against 76.1, 0.79x (ours faster); heads quantized, 112.9 against 88.5,
+    1.28x (1.32x before).
+  - decode_breakdown.md splits the step: SmolLM2's native step is ~6 ms of which ~5 is the one native call;
+    llama.cpp's step measured 6.0 ms in that run (4.3 in the run before).
+* **RSS ≤ 0.35x fp32: met on the random Llama, and on SmolLM2 with its head quantized.**
+  - Random Llama: 4-bit 0.31x (511 MB against 1662), head 4-bit 0.21x, 3-bit 0.27x, 2-bit 0.25x. llama.cpp's rows
+    0.43-0.55x.
+  - SmolLM2 with the head 4-bit: 0.31x. With the head dense: 0.46x, because the tied float32 table is the head and
+    every token reads all of it (llama.cpp's rows: 0.48-0.50x).
+* **Lean loading ≤ 1.2x (packed + unquantized): met for the model's data on every row; by whole-process RSS the
+  fast 3-bit load is 2% over.** Re-measured after the decode rows with `--load-only`.
+  - The model data's peak (anonymous memory): fast 92% / 97% / 93% of the bound at 2 / 3 / 4 bits, reference
+    84-85%.
+  - The whole peak adds 8-9 MiB of libtorch code pages the fast load's ops touch for the first time (6 for the
+    reference, 18 for from_pretrained): fast 97% / 102% / 97%, reference 87-88%.
+  - The fast runtime holds more than the stored form: the native layout pads 576-wide rows to 640 and keeps its own
+    float16 zeros and scales. Codes are now unpacked 32K and packed 128 rows at a time (their temporaries had
+    put the 3-bit peak 4-6 MiB higher).
+  - Fast loads take 1.4-3.0 s.
+* **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.04-0.11x fp32. It exists to
   check the fast paths against, not to run.
-* **torchao's int4 path** (bfloat16 activations, transformers' model as it is) decodes SmolLM2 at 41.6 tok/s and
-  the random Llama at 52.7, behind our 4-bit rows, at 1.4-1.7x the fp32 memory (loaded in bfloat16, then
+* **torchao's int4 path** (bfloat16 activations, transformers' model as it is) decodes SmolLM2 at 38.5 tok/s and
+  the random Llama at 57.7, behind our 4-bit rows, at 1.45-1.67x the fp32 memory (loaded in bfloat16, then
   converted).
-* **Without the native kernel** (`HIERCOMP_NO_NATIVE=1`: torch's int4 kernel, torch's float32 head) 4-bit decodes
-  at 2.3x (SmolLM2) and 3.9x (random Llama) fp32.
+* **Without the native kernel** (`HIERCOMP_NO_NATIVE=1`: torch's int4 kernel in the torch blocks, torch's float32
+  head) 4-bit decodes at 2.3x (SmolLM2) and 3.6x (random Llama) fp32.
 
 llama.cpp's "MB read/token" counts every tensor of the GGUF but the input embedding when the model has a separate
 output matrix (the random Llama, and SmolLM2's head-quantized export), as hiercomp's rows do.
