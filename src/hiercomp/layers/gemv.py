@@ -8,11 +8,11 @@ of four layouts their range fits (:func:`layout_bits`): 4 bits (Q4_0's nibbles),
 (the 2-bit layout plus a high bit plane, like Q3_K) and 1 bit (a bit plane), so a 2-bit layer holds and streams
 half the bytes of a 4-bit one. See gemv.cpp for the layouts and the arithmetic.
 
-The library is built with the host compiler (``g++ -O3 -march=native -fopenmp``) into
-``$HIERCOMP_CACHE`` (default ``~/.cache/hiercomp/kernels/``), named by a hash of the source, the flags, the
-machine and the CPU's flag line, so a changed CPU or source builds again. ``HIERCOMP_NO_NATIVE=1`` turns it off;
-without a compiler, without AVX2 or when the build fails, :func:`available` is False with a reason and callers
-use torch's kernels (warned once).
+The library (gemv.cpp, and decode.cpp's whole decode step for native_step.py) is built with the host compiler
+(``g++ -O3 -march=native -fopenmp``) into ``$HIERCOMP_CACHE`` (default ``~/.cache/hiercomp/kernels/``), named by a
+hash of the sources, the flags, the machine and the CPU's flag line, so a changed CPU or source builds again.
+``HIERCOMP_NO_NATIVE=1`` turns it off; without a compiler, without AVX2 or when the build fails, :func:`available`
+is False with a reason and callers use torch's kernels (warned once).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
-    """The compiled library, built once per (source, flags, machine, CPU) and renamed into place atomically
+    """The compiled library, built once per (sources, flags, machine, CPU) and renamed into place atomically
     (parallel processes building at once each rename a complete file)."""
     sources = [src.read_bytes() for src in SOURCES]
     key = hashlib.sha256(b"\0".join([*sources, " ".join((compiler, *flags)).encode(),

@@ -76,7 +76,7 @@ class NativeStep:
     def __init__(self, module: nn.Module, blocks: list[nn.Module], cache: Any, length: int,
                  lib: ctypes.CDLL) -> None:
         self.lib = lib
-        self.module, self.cache, self.length = module, cache, length
+        self.cache, self.length = cache, length
         base = module.model
         self.embed = module.get_input_embeddings()
         self.head = module.get_output_embeddings()
