@@ -306,3 +306,26 @@ def test_dense_layers_of_a_compressed_model_take_the_float32_gemv_for_decode() -
     assert called == [1] and head.weight.grad is not None
     set_runtime(model, "reference")
     assert "forward" not in vars(head) and not hasattr(head, kernels.DENSE_FORWARD)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape_group", [((37, 576), 64), ((5, 96), 32), ((130, 256), 128), ((9, 640), None)])
+def test_a_grid_packed_from_the_stored_bitstream_is_the_grid_from_its_codes(bits: int, shape_group) -> None:
+    # hc_pack_stream reads the layer's stored form (pack_bits' dense little-endian stream, rows not byte-aligned
+    # for odd widths) straight into the layout: bit for bit what PackedGrid makes from the unpacked codes.
+    from hiercomp.layers.packing import pack_bits
+
+    (rows, cols), group = shape_group
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=generator)
+    groups = 1 if group is None else cols // group
+    scale, zero = torch.rand(rows, groups, generator=generator), torch.randint(0, 1 << bits, (rows, groups)).float()
+    reference = gemv.PackedGrid(codes, scale, zero, group, bits=bits)
+    streamed = gemv.PackedGrid.from_stream(pack_bits(codes, bits), bits, rows, cols, scale, zero, group)
+    assert streamed.layout == reference.layout
+    assert torch.equal(streamed.packed, reference.packed)
+    assert torch.equal(streamed.scale, reference.scale) and torch.equal(streamed.zero, reference.zero)
+    assert torch.equal(streamed.codes(), codes.to(torch.int32))
+    with pytest.raises(ValueError, match="does not hold"):  # a stream too short for the shape
+        gemv.PackedGrid.from_stream(pack_bits(codes, bits)[:-2], bits, rows, cols, scale, zero, group)

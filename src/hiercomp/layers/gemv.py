@@ -100,6 +100,8 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.hc_sgemv.restype = ctypes.c_int
     lib.hc_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_double, ptr, ptr]
     lib.hc_decode_step.restype = ctypes.c_int
+    lib.hc_pack_stream.argtypes = [ptr, i64, ctypes.c_int, i64, i64, i64, ctypes.c_int, ptr]
+    lib.hc_pack_stream.restype = ctypes.c_int
     return lib
 
 
@@ -220,12 +222,7 @@ class PackedGrid:
         bits = layout_bits(high) if bits is None else bits
         if bits not in LAYOUTS or high >= 1 << bits:
             raise ValueError(f"codes up to {high} do not fit a {bits}-bit layout")
-        self.bits = bits
-        self.in_features, self.out_features = in_features, out_features
-        self.padded = -(-in_features // CHUNK) * CHUNK
-        per_channel = group_size is None or group_size == in_features
-        self.group = self.padded if per_channel else group_size
-        groups = self.padded // self.group
+        self._shape(out_features, in_features, group_size, bits)
         # Padding gets code 0 and, for groups of 32 or 64, groups of scale 0. Packed a slice of rows at a time so
         # that loading a model holds little more than its packed codes (no full-size uint8 copy).
         self.packed = torch.empty(out_features, self.padded // CHUNK * 16 * bits, dtype=torch.uint8)
@@ -234,8 +231,42 @@ class PackedGrid:
             q = torch.zeros(b - a, self.padded, dtype=torch.uint8)
             q[:, :in_features] = codes[a:b]
             self.packed[a:b] = _pack(q, bits)
-        scale32 = torch.zeros(out_features, groups)
-        zero32 = torch.zeros(out_features, groups)
+        self._set_scales(scale, zero)
+
+    @classmethod
+    def from_stream(cls, stream: torch.Tensor, stored_bits: int, out_features: int, in_features: int,
+                    scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> PackedGrid:
+        """The grid of codes stored as hiercomp's dense bitstream (:func:`hiercomp.layers.packing.pack_bits`, 1-4
+        bits, in the layout of that width), packed by the native library straight from it: bit for bit the grid
+        ``PackedGrid(codes, ...)`` makes, without unpacking the codes (no full-size copy, no temporaries: a fast
+        load then holds little more than the kernel)."""
+        lib = _load()[0]
+        assert lib is not None, "the native kernel is not available"
+        if not supports(in_features, group_size) or stored_bits not in LAYOUTS:
+            raise ValueError("this grid does not fit the native layout")
+        out = cls.__new__(cls)
+        out._shape(out_features, in_features, group_size, stored_bits)
+        out.packed = torch.empty(out_features, out.padded // CHUNK * 16 * stored_bits, dtype=torch.uint8)
+        stream = stream.contiguous()
+        rc = lib.hc_pack_stream(stream.data_ptr(), stream.numel(), stored_bits, out_features, in_features, out.padded,
+                                stored_bits, out.packed.data_ptr())
+        if rc:
+            raise ValueError(f"hc_pack_stream failed ({rc}): the stream does not hold {out_features}x{in_features} "
+                             f"codes of {stored_bits} bits")
+        out._set_scales(scale, zero)
+        return out
+
+    def _shape(self, out_features: int, in_features: int, group_size: int | None, bits: int) -> None:
+        self.bits = bits
+        self.in_features, self.out_features = in_features, out_features
+        self.padded = -(-in_features // CHUNK) * CHUNK
+        per_channel = group_size is None or group_size == in_features
+        self.group = self.padded if per_channel else group_size
+
+    def _set_scales(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        groups = self.padded // self.group
+        scale32 = torch.zeros(self.out_features, groups)
+        zero32 = torch.zeros(self.out_features, groups)
         scale32[:, : scale.shape[1]] = scale.float()
         zero32[:, : zero.shape[1]] = zero.float()
         # float16 like the layers' own: exact for their scales, integer zeros and HQQ's float16 zeros.
