@@ -621,16 +621,17 @@ runs the same day). Read every ratio below to that.
     0.43-0.55x.
   - SmolLM2 with the head 4-bit: 0.31x. With the head dense: 0.46x, because the tied float32 table is the head and
     every token reads all of it (llama.cpp's rows: 0.48-0.50x).
-* **Lean loading ≤ 1.2x (packed + unquantized): met for the model's data on every row; by whole-process RSS the
-  fast 3-bit load is 2% over.** Re-measured after the decode rows with `--load-only`.
-  - The model data's peak (anonymous memory): fast 92% / 97% / 93% of the bound at 2 / 3 / 4 bits, reference
-    84-85%.
-  - The whole peak adds 8-9 MiB of libtorch code pages the fast load's ops touch for the first time (6 for the
-    reference, 18 for from_pretrained): fast 97% / 102% / 97%, reference 87-88%.
-  - The fast runtime holds more than the stored form: the native layout pads 576-wide rows to 640 and keeps its own
-    float16 zeros and scales. Codes are now unpacked 32K and packed 128 rows at a time (their temporaries had
-    put the 3-bit peak 4-6 MiB higher).
-  - Fast loads take 1.4-3.0 s.
+* **Lean loading ≤ 1.2x (packed + unquantized): met on every row.** Re-measured after the decode rows with
+  `--load-only`, after the last change below.
+  - Whole-process peak: fast 96% of the bound at 2, 3 and 4 bits (97% / 102% / 97% earlier this evening, 98-103%
+    at the previous table), reference 88-90%.
+  - Of it, the model's data (anonymous memory): fast 91-92%, reference 85-86%. The rest is 6-8 MiB of libtorch
+    code pages the load's ops touch for the first time (18 for from_pretrained).
+  - What changed: a native-grid layer's kernel is now packed by the native library straight from the stored
+    bitstream (`hc_pack_stream`), with no unpacked copy of the codes and no torch temporaries; fast loads take
+    0.9-1.8 s (1.4-3.0 before).
+  - The fast runtime still holds more than the stored form (the native layout pads 576-wide rows to 640 and keeps
+    its own float16 zeros and scales): held 153 / 168 / 182 MB against 144 / 157 / 171 for the reference.
 * **The reference runtime** (dequantize at every forward, the bit-exact form) runs at 0.04-0.11x fp32. It exists to
   check the fast paths against, not to run.
 * **torchao's int4 path** (bfloat16 activations, transformers' model as it is) decodes SmolLM2 at 38.5 tok/s and

@@ -41,8 +41,9 @@ LAYOUTS = (1, 2, 3, 4)  # bits per code of the packed layouts
 # Products smaller than this many weight x token multiply-adds run on one thread: a parallel region costs more
 # than it saves on such small layers (SmolLM2's 576-wide layers decoded 25-30% slower on 2 threads than on one).
 PARALLEL_MIN = int(os.environ.get("HIERCOMP_GEMV_PARALLEL_MIN", 4 << 20))
-# Rows packed (and unpacked) at a time: the temporaries stay small next to the packed codes (1024 rows of a 3-bit
-# SmolLM2 layer held ~4 MB of them, a share of its fast load's peak).
+# Rows packed from unpacked codes (and unpacked) at a time: the temporaries stay small next to the packed codes
+# (1024 rows of a 3-bit SmolLM2 layer held ~4 MB of them). A model's load packs from the stored stream instead
+# (PackedGrid.from_stream: no temporaries).
 PACK_ROWS = 128
 
 

@@ -73,9 +73,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.to(torch.int32)
 
 
-# Codes unpacked at a time by unpack_rows_uint8 (default): ~0.5 MB of temporaries. 128K at a time (~2 MB, more once
-# the heap fragments) put SmolLM2's 3-bit fast load up to 6 MiB over its 1.2x bound, 32K 1-4 MiB under it; 16K
-# made the random Llama's 3-bit load 2.9 -> 5.3 s (per-chunk overhead) for no further gain.
+# Codes unpacked at a time by unpack_rows_uint8 (default): ~0.5 MB of temporaries, for kernels built from unpacked
+# codes (torch's int4/int8 ones, HLQ planes; native grids are packed from the stored stream directly). 128K at a
+# time (~2 MB, more once the heap fragments) put SmolLM2's 3-bit fast load up to 6 MiB over its 1.2x bound when
+# its grids went this way; 16K made a 2048-wide model's load ~2x slower (per-chunk overhead) for no further gain.
 UNPACK_CODES = 1 << 15
 
 
