@@ -209,9 +209,19 @@ def _plain_dense(layer: nn.Module) -> bool:
 def _projection_ok(layer: nn.Module) -> bool:
     """Native grids and plain dense layers run in the step, any other CPU projection through the callback."""
     # (A layer whose kernel holds its codes keeps the stored copy on the meta device: released, not elsewhere.)
-    return all(t.device.type in ("cpu", "meta") for t in (*layer.parameters(), *layer.buffers())) \
-        and isinstance(getattr(layer, "in_features", None), int) and isinstance(getattr(layer, "out_features", None),
-                                                                                int)
+    return all(t.device.type in ("cpu", "meta") for t in (*layer.parameters(), *layer.buffers()))
+
+
+def _shapes(block: nn.Module) -> list[tuple[int, int]]:
+    attn, mlp = block.self_attn, block.mlp
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return [(getattr(m, "out_features", -1), getattr(m, "in_features", -1)) for m in layers]
+
+
+def _shapes_expected(hidden: int, plan: BlockPlan, intermediate: int) -> list[tuple[int, int]]:
+    q, kv = plan.heads * plan.head_dim, plan.kv_heads * plan.head_dim
+    return [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (intermediate, hidden), (intermediate, hidden),
+            (hidden, intermediate)]
 
 
 def _group_ok(projections: Any) -> bool:
@@ -247,8 +257,8 @@ def build(module: nn.Module, cache: Any, lib: ctypes.CDLL | None = None) -> Nati
             return None
         if any(n.weight.dtype != torch.float32 for n in (block.input_layernorm, block.post_attention_layernorm)):
             return None
-        if block.mlp.down_proj.in_features != config.intermediate_size:
-            return None
+        if _shapes(block) != _shapes_expected(config.hidden_size, plan, config.intermediate_size):
+            return None  # decode.cpp sizes its buffers from these: anything else would overrun them
     if base.norm.weight.dtype != torch.float32 or module.get_input_embeddings().weight.dtype != torch.float32:
         return None
     lengths = set()
