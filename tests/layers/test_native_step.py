@@ -51,7 +51,8 @@ def compare(model: torch.nn.Module, steps: int, lib=None) -> None:
     step.sync()
     assert worst < 1e-4  # the same kernels; attention's sums and exp in another order (measured ≤ 2e-5)
     for ours, theirs in zip(native_cache.layers, torch_cache.layers):
-        assert ours.keys.shape == theirs.keys.shape == (1, 2, PROMPT.shape[1] + steps, 16)
+        head_dim = model.model.layers[0].self_attn.head_dim
+        assert ours.keys.shape == theirs.keys.shape == (1, 2, PROMPT.shape[1] + steps, head_dim)
         # A rounding difference upstream can flip one int8 activation step in a later block (measured ≤ 2.1e-5).
         assert torch.allclose(ours.keys, theirs.keys, atol=1e-4) and torch.allclose(ours.values, theirs.values,
                                                                                     atol=1e-4)
@@ -160,3 +161,23 @@ def test_it_is_not_taken_where_it_would_differ(monkeypatch: pytest.MonkeyPatch) 
     original = tiny("llama")  # no compressed layer: transformers' blocks are the baseline
     set_runtime(original, "fast")
     assert native_step.build(original, prefilled(original)[0]) is None
+
+
+def test_heads_wider_than_the_hidden_state() -> None:
+    # head_dim x heads = 128 against a hidden state of 64 (as Gemma-style configs do): q, attention and o sized
+    # from the heads, not the hidden size.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hiercomp.io.hf import LoadedModel
+    from hiercomp.recipe import Recipe
+    from tests.layers.test_fused_block import CALIBRATION
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    recipe = Recipe.from_dict({"rules": [{"method": "rtn", "bits": 4, "group_size": 32}]})
+    model = hiercomp.compress(LoadedModel(LlamaForCausalLM(config).eval(), None, False, "llama-linear"), recipe,
+                              CALIBRATION, progress=False).model
+    set_runtime(model, "fast")
+    assert model.model.layers[0].self_attn.o_proj.in_features == 128
+    compare(model, 8)
