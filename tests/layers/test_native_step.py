@@ -4,8 +4,9 @@ in one native call.
 Asserted: its logits and the keys and values it writes equal the torch blocks' within float rounding, through a
 cache that must grow (Llama, and Qwen2's q/k/v biases); greedy tokens are the same as the torch path's on the real
 stories260K and on tiny models; mixed plans (unfused layers of different grids, layers left dense, another kernel
-called back) and heads wider than the hidden state run in it; the AVX2 build agrees; and where it cannot compute what transformers would (hooks, another kernel, training,
-transformers' own cache, no compressed layer, turned off) it is not taken.
+called back) and heads wider than the hidden state run in it; the AVX2 build agrees; and where it cannot compute
+what transformers would (hooks, training, transformers' own cache, no compressed layer, turned off) it is not
+taken.
 """
 
 from __future__ import annotations
