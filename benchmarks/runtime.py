@@ -74,11 +74,9 @@ def _read_bytes(model) -> int:
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     # A torchao-quantized head is a tensor subclass without a plain storage: then it is not the embedding table.
-    # A compressed head's stored form and kernel are counted above; in a tied model it still carries the table as
-    # ``weight`` (tie_weights puts it there) but never reads it (until 2026-12-07 this counted the table as read).
-    from hiercomp.layers.base import CompressedLinear
-
-    head = None if isinstance(out, CompressedLinear) else getattr(out, "weight", None)
+    # A compressed head has no ``weight`` (its stored form and kernel are counted above). Until 2026-12-07 loading
+    # hung the tied table on it as one, and this counted the table as read.
+    head = getattr(out, "weight", None)
     tied = head is not None and type(head) in (torch.Tensor, torch.nn.Parameter) \
         and head.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()
     total = sum(seen.values())

@@ -148,3 +148,18 @@ def test_input_embedding_is_mapped_from_the_file_when_the_head_does_not_read_it(
     tied = load_compressed(saved[0])
     assert sparse_read_names(tied) == frozenset()
     assert not mapped_files(tied.model.embed_tokens.weight)
+
+
+def test_a_compressed_head_of_a_tied_model_holds_only_its_stored_form(saved_with_head: Path, tmp_path: Path) -> None:
+    # The config still ties the head to the embedding, but a compressed head has no weight to tie: loading must not
+    # hang the table on it as a parameter it never reads, and saving the loaded model writes the same tensors.
+    import hiercomp
+    from hiercomp.layers.base import CompressedLinear
+
+    model = load_compressed(saved_with_head)
+    assert model.config.tie_word_embeddings and isinstance(model.lm_head, CompressedLinear)
+    assert not any(name.startswith("lm_head.weight") for name in model.state_dict())
+    loaded = hiercomp.load(saved_with_head)
+    loaded.save(tmp_path / "again")
+    first, second = read_tensors(saved_with_head / WEIGHTS_FILE), read_tensors(tmp_path / "again" / WEIGHTS_FILE)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -315,8 +315,12 @@ def fill_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path) 
     if missing or unexpected:
         raise HiercompError(f"{weights} does not match its config (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}); compress the model again")
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()  # assignment gave the tied modules two Parameter objects on one storage
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if getattr(model.config, "tie_word_embeddings", False) and getattr(head, "weight", None) is not None:
+        # Assignment gave the tied modules two Parameter objects on one storage. A compressed head has no weight
+        # to tie: tie_weights would hang the embedding table on it as a parameter it never reads (and state_dict
+        # would list it).
+        model.tie_weights()
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if empty:
         raise HiercompError(f"{weights} does not hold {empty[:3]}; compress the model again")
