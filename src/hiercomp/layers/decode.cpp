@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 extern "C" int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                        const uint16_t* zero, int64_t N, int64_t Kp, int64_t group, int bits, float* y, int nthreads);
 extern "C" int hc_sgemv(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int nthreads);
@@ -69,18 +71,11 @@ struct HcShape {
 
 namespace {
 
-static inline float hsum(__m256 v) {
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_add_ss(t, _mm_movehdup_ps(t));
-    return _mm_cvtss_f32(t);
-}
-
 static inline float dot(const float* a, const float* b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
+    float s = hc_hsum8(acc);
     for (; i < n; ++i) s += a[i] * b[i];
     return s;
 }
@@ -171,7 +166,7 @@ static void attend(const float* q, const float* keys, const float* values, int64
         _mm256_storeu_ps(scores + t, e);
         sum8 = _mm256_add_ps(sum8, e);
     }
-    float sum = hsum(sum8);
+    float sum = hc_hsum8(sum8);
     for (; t < length; ++t) sum += scores[t] = exp1(scores[t] - top);
     const float inv = 1.f / sum;
     for (int64_t d = 0; d < dim; ++d) out[d] = 0.f;

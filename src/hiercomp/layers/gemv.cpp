@@ -44,6 +44,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "needs AVX2, FMA and F16C"
 #endif
@@ -143,13 +145,7 @@ static inline V vset1(float s) { return {_mm256_set1_ps(s), _mm256_set1_ps(s)}; 
 static inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 static inline V vmul(V x, V y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
 static inline V vfma(V x, V y, V z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
-static inline float vsum(V x) {
-    const __m256 s = _mm256_add_ps(x.a, x.b);
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_add_ss(t, _mm_movehdup_ps(t));
-    return _mm_cvtss_f32(t);
-}
+static inline float vsum(V x) { return hc_hsum8(_mm256_add_ps(x.a, x.b)); }
 // One superchunk's codes from its BITS-bit layout (see the top): .alo codes 0..31, .blo 32..63, .ahi 64..95,
 // .bhi 96..127.
 template <int BITS>
@@ -249,10 +245,7 @@ static inline float zero_term(const uint16_t* scale, const uint16_t* zero, const
         v = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xsum + g), v);
     }
     for (; g < G; ++g) acc += _cvtsh_ss(scale[g]) * _cvtsh_ss(zero[g]) * xsum[g];
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_add_ss(t, _mm_movehdup_ps(t));
-    return acc + _mm_cvtss_f32(t);
+    return acc + hc_hsum8(v);
 }
 
 // The RT rows of a tile are RT short streams (rowbytes each): too short for the hardware prefetcher to
@@ -414,10 +407,7 @@ static void sgemv_rows(const float* x, int64_t M, int64_t K, const float* w, int
 #if defined(__AVX512F__)
             float sum = _mm512_reduce_add_ps(acc[r]);
 #else
-            __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-            t = _mm_add_ss(t, _mm_movehdup_ps(t));
-            float sum = _mm_cvtss_f32(t);
+            float sum = hc_hsum8(acc[r]);
 #endif
             for (int64_t kk = k; kk < K; ++kk) sum += row[r][kk] * xi[kk];
             y[i * N + n + r] = sum;

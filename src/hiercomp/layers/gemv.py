@@ -33,6 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Built into the same library: the whole decode step of a Llama-family model around the kernels (native_step.py).
 SOURCES = (SOURCE, Path(__file__).with_name("decode.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # included by the sources: part of the build's hash
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 CHUNK = 128  # the packed layout pads the in-features to a multiple of this (gemv.cpp's superchunk)
 BLOCK = 32  # the activation's int8 block
@@ -65,7 +66,7 @@ def _cache_dir() -> Path:
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, built once per (sources, flags, machine, CPU) and renamed into place atomically
     (parallel processes building at once each rename a complete file)."""
-    sources = [src.read_bytes() for src in SOURCES]
+    sources = [src.read_bytes() for src in (*SOURCES, *HEADERS)]
     key = hashlib.sha256(b"\0".join([*sources, " ".join((compiler, *flags)).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"gemv-{key}.so"
