@@ -89,11 +89,15 @@ class _Projections:
         return torch.cat([layer(x) for layer in self.layers], dim=-1)
 
 
+def norm_eps(norm: nn.Module) -> float:
+    """An RMSNorm's epsilon (transformers names it ``variance_epsilon``; torch's own ``eps``)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale by the weight.
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
     return norm.weight * h.to(x.dtype)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hiercomp.layers import gemv
-from hiercomp.layers.fused_block import ATTENTION, BlockPlan, decoder_blocks
+from hiercomp.layers.fused_block import ATTENTION, BlockPlan, decoder_blocks, norm_eps
 from hiercomp.layers.kernels import NativeLowBitKernel
 
 _i64, _ptr, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
@@ -61,10 +61,6 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 class NativeStep:
     """The decoder blocks of one model as native structures, bound to one GrowingCache; call with each new token.
 
@@ -82,7 +78,7 @@ class NativeStep:
         self.head = module.get_output_embeddings()
         self.rotary = base.rotary_emb
         self.final_norm = _f32(base.norm.weight)
-        self.final_eps = _eps(base.norm)
+        self.final_eps = norm_eps(base.norm)
         plan: BlockPlan = blocks[0]._hiercomp_plan
         config = module.config
         self.hidden_size = config.hidden_size
@@ -158,13 +154,14 @@ class NativeStep:
         self._layer(spec.proj[spec.n_qkv + 1 + spec.n_gate_up], block.mlp.down_proj)
         spec.norm_attn = self._ptr(_f32(block.input_layernorm.weight))
         spec.norm_mlp = self._ptr(_f32(block.post_attention_layernorm.weight))
-        spec.eps_attn, spec.eps_mlp = _eps(block.input_layernorm), _eps(block.post_attention_layernorm)
+        spec.eps_attn, spec.eps_mlp = norm_eps(block.input_layernorm), norm_eps(block.post_attention_layernorm)
 
     def _point_at_cache(self) -> None:
         for spec, idx in zip(self.blocks, self.layer_ids):
             layer = self.cache.layers[idx]
             spec.keys, spec.values = layer.key_buffer.data_ptr(), layer.value_buffer.data_ptr()
             spec.capacity = layer.key_buffer.shape[-2]
+        self.capacity = min(spec.capacity for spec in self.blocks)  # tokens every layer's buffers hold
 
     def sync(self) -> None:
         """Set the cache's views to what the steps wrote."""
@@ -179,7 +176,7 @@ class NativeStep:
     @torch.no_grad()
     def hidden(self, token: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden state (1, 1, hidden) after ``token``: every block, the head not applied."""
-        if self.length >= min(spec.capacity for spec in self.blocks):  # the buffers are full: grow them
+        if self.length >= self.capacity:  # the buffers are full: grow them
             self.sync()
             for idx in self.layer_ids:
                 self.cache.layers[idx].make_room(1)
