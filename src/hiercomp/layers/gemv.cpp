@@ -469,18 +469,17 @@ int hc_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16
     return 0;
 }
 
-// The layout of `bits` (1..4, see the top) for rows x cols codes read from a dense little-endian bitstream of
-// `sbits` bits a code (code i at bit i * sbits, rows one after another: how hiercomp stores a grid's codes), code 0
-// past cols up to padded (a multiple of 128): out is rows x (padded / 128 * 16 bits) bytes. What gemv.py's _pack
-// makes from unpacked codes, straight from the stored form: building a layer's kernel at load then needs no
-// unpacked copy and no temporaries. Returns 1 on bad sizes, 2 where a code does not fit the layout.
-int hc_pack_stream(const uint8_t* stream, int64_t stream_len, int sbits, int64_t rows, int64_t cols, int64_t padded,
-                   int bits, uint8_t* out) {
-    if (sbits < 1 || sbits > 8 || bits < 1 || bits > 4 || padded % SC || cols > padded) return 1;
-    if ((rows * cols * sbits + 7) / 8 > stream_len) return 1;
+// The `bits` layout (1..4, see the top) of rows x cols codes read from a dense little-endian bitstream of `bits` bits
+// a code (code i at bit i * bits, rows one after another: how hiercomp stores a grid's codes), code 0 past cols up
+// to padded (a multiple of 128): out is rows x (padded / 128 * 16 bits) bytes. What gemv.py's _pack makes from
+// unpacked codes, straight from the stored form: building a layer's kernel at load then needs no unpacked copy and
+// no temporaries. Returns 1 on bad sizes.
+int hc_pack_stream(const uint8_t* stream, int64_t stream_len, int64_t rows, int64_t cols, int64_t padded, int bits,
+                   uint8_t* out) {
+    if (bits < 1 || bits > 4 || padded % SC || cols > padded) return 1;
+    if ((rows * cols * bits + 7) / 8 > stream_len) return 1;
     const int64_t nsc = padded / SC, rowbytes = nsc * 16 * bits;
-    const unsigned mask = (1u << sbits) - 1;
-    int bad = 0;
+    const unsigned mask = (1u << bits) - 1;
     for (int64_t r = 0; r < rows; ++r) {
         uint8_t* o = out + r * rowbytes;
         for (int64_t c = 0; c < nsc; ++c, o += 16 * bits) {
@@ -491,11 +490,10 @@ int hc_pack_stream(const uint8_t* stream, int64_t stream_len, int sbits, int64_t
                     nat[k] = 0;
                     continue;
                 }
-                const int64_t bit = (r * cols + col) * sbits, byte = bit / 8;
+                const int64_t bit = (r * cols + col) * bits, byte = bit / 8;
                 unsigned v = stream[byte];
                 if (byte + 1 < stream_len) v |= (unsigned)stream[byte + 1] << 8;
                 nat[k] = (uint8_t)((v >> (bit % 8)) & mask);
-                bad |= nat[k] >> bits;
             }
             for (int p = 0; p < 64; ++p) {
                 q[p] = nat[(p / 16) * 32 + p % 16];
@@ -521,7 +519,7 @@ int hc_pack_stream(const uint8_t* stream, int64_t stream_len, int sbits, int64_t
             }
         }
     }
-    return bad ? 2 : 0;
+    return 0;
 }
 
 int hc_sgemv(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int nthreads) {

@@ -102,7 +102,7 @@ def build_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.hc_sgemv.restype = ctypes.c_int
     lib.hc_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_double, ptr, ptr]
     lib.hc_decode_step.restype = ctypes.c_int
-    lib.hc_pack_stream.argtypes = [ptr, i64, ctypes.c_int, i64, i64, i64, ctypes.c_int, ptr]
+    lib.hc_pack_stream.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ptr]
     lib.hc_pack_stream.restype = ctypes.c_int
     return lib
 
@@ -236,7 +236,7 @@ class PackedGrid:
         self._set_scales(scale, zero)
 
     @classmethod
-    def from_stream(cls, stream: torch.Tensor, stored_bits: int, out_features: int, in_features: int,
+    def from_stream(cls, stream: torch.Tensor, bits: int, out_features: int, in_features: int,
                     scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> PackedGrid:
         """The grid of codes stored as hiercomp's dense bitstream (:func:`hiercomp.layers.packing.pack_bits`, 1-4
         bits, in the layout of that width), packed by the native library straight from it: bit for bit the grid
@@ -244,17 +244,15 @@ class PackedGrid:
         load then holds little more than the kernel)."""
         lib = _load()[0]
         assert lib is not None, "the native kernel is not available"
-        if not supports(in_features, group_size) or stored_bits not in LAYOUTS:
+        if not supports(in_features, group_size) or bits not in LAYOUTS:
             raise ValueError("this grid does not fit the native layout")
         out = cls.__new__(cls)
-        out._shape(out_features, in_features, group_size, stored_bits)
-        out.packed = torch.empty(out_features, out.padded // CHUNK * 16 * stored_bits, dtype=torch.uint8)
+        out._shape(out_features, in_features, group_size, bits)
+        out.packed = torch.empty(out_features, out.padded // CHUNK * 16 * bits, dtype=torch.uint8)
         stream = stream.contiguous()
-        rc = lib.hc_pack_stream(stream.data_ptr(), stream.numel(), stored_bits, out_features, in_features, out.padded,
-                                stored_bits, out.packed.data_ptr())
-        if rc:
-            raise ValueError(f"hc_pack_stream failed ({rc}): the stream does not hold {out_features}x{in_features} "
-                             f"codes of {stored_bits} bits")
+        if lib.hc_pack_stream(stream.data_ptr(), stream.numel(), out_features, in_features, out.padded, bits,
+                              out.packed.data_ptr()):
+            raise ValueError(f"the stream does not hold {out_features}x{in_features} codes of {bits} bits")
         out._set_scales(scale, zero)
         return out
 
@@ -288,8 +286,7 @@ class PackedGrid:
         if any(g.layout != first.layout for g in grids):
             raise ValueError("only grids of the same layout, group and width stack")
         out = cls.__new__(cls)
-        out.bits, out.in_features, out.padded, out.group = first.bits, first.in_features, first.padded, first.group
-        out.out_features = sum(g.out_features for g in grids)
+        out._shape(sum(g.out_features for g in grids), first.in_features, first.group, first.bits)
         out.packed = torch.cat([g.packed for g in grids])
         out.scale = torch.cat([g.scale for g in grids])
         out.zero = torch.cat([g.zero for g in grids])
