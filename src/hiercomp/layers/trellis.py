@@ -8,8 +8,10 @@ path that minimises the row's squared error. The codebook is computed, never sto
 Gaussian quantile of a hashed uniform, Φ⁻¹((h(s) + ½) / 2^32), an iid-Gaussian-like codebook as QTIP's
 random-Gaussian one (the rows should be Gaussian-like: use it under incoherence processing).
 
-Stored, exactly: per row, the L − k low bits of the state before the first weight and k bits per weight
-(out · (L − k + in · k) bits, one bit stream), and one float16 scale per row.
+Stored, exactly: per sequence, the L − k low bits of the state before the first weight and k bits per weight
+(one bit stream), and one float16 scale per row. A sequence is a row (out · (L − k + in · k) bits), or, with
+``by_columns`` (what the Hessian sweep of :mod:`hiercomp.methods.trellis` encodes, one column at a time), a
+column (in · (L − k + out · k) bits).
 """
 
 from __future__ import annotations
@@ -87,13 +89,15 @@ class TrellisLinear(CompressedLinear):
     kind = "trellis"
 
     def __init__(self, bits: int, state_bits: int, paths: torch.Tensor | None, scales: torch.Tensor | None,
-                 bias: torch.Tensor | None, origin: str = "linear", shape: tuple[int, int] | None = None) -> None:
+                 bias: torch.Tensor | None, origin: str = "linear", shape: tuple[int, int] | None = None,
+                 by_columns: bool = False) -> None:
+        """``paths``: the state of every step of every sequence, (out, in), or (in, out) ``by_columns``."""
         out_features, in_features = shape
         super().__init__(in_features, out_features, bias, origin)
         if not 1 <= bits < state_bits <= 20:
             raise ValueError(f"trellis needs 1 <= bits < state_bits <= 20, got bits={bits}, state_bits={state_bits}")
-        self.bits, self.state_bits = bits, state_bits
-        count = out_features * self.row_bits()
+        self.bits, self.state_bits, self.by_columns = bits, state_bits, bool(by_columns)
+        count = self.sequences()[0] * self.sequence_bits()
         if paths is None:
             self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
@@ -101,24 +105,35 @@ class TrellisLinear(CompressedLinear):
         self.register_buffer("bitstream", pack_bits(paths_to_bits(paths, state_bits, bits), 1))
         self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(out_features).clone())
 
-    def row_bits(self) -> int:
-        return self.state_bits - self.bits + self.in_features * self.bits
+    def sequences(self) -> tuple[int, int]:
+        """(how many sequences, the length of each)."""
+        return (self.in_features, self.out_features) if self.by_columns else (self.out_features, self.in_features)
+
+    def sequence_bits(self) -> int:
+        return self.state_bits - self.bits + self.sequences()[1] * self.bits
 
     def states(self) -> torch.Tensor:
-        bits = unpack_bits(self.bitstream, 1, self.out_features * self.row_bits()).view(self.out_features, -1)
-        return bits_to_states(bits, self.state_bits, self.bits, self.in_features)
+        """The state of every step, one sequence per row: (out, in), or (in, out) by columns."""
+        count, length = self.sequences()
+        bits = unpack_bits(self.bitstream, 1, count * self.sequence_bits()).view(count, -1)
+        return bits_to_states(bits, self.state_bits, self.bits, length)
 
     def dequantize(self) -> torch.Tensor:
-        return self.scales.float().unsqueeze(1) * trellis_codebook(self.state_bits)[self.states()]
+        # .long(): tuning caches the states in the smallest integer dtype, and a uint8 index would be read as a mask
+        values = trellis_codebook(self.state_bits)[self.states().long()]
+        return self.scales.float().unsqueeze(1) * (values.t() if self.by_columns else values)
 
     def weight_storage_bits(self) -> dict[str, int]:
-        return {"bitstream": self.out_features * self.row_bits(), "scales": self.out_features * SCALE_BITS}
+        return {"bitstream": self.sequences()[0] * self.sequence_bits(), "scales": self.out_features * SCALE_BITS}
 
     def layer_config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "state_bits": self.state_bits}
+        config: dict[str, Any] = {"bits": self.bits, "state_bits": self.state_bits}
+        if self.by_columns:  # absent in folders saved before the Hessian sweep: rows
+            config["by_columns"] = True
+        return config
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> TrellisLinear:
         bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
         return cls(config["bits"], config["state_bits"], None, None, bias, config["origin"],
-                   shape=(config["out_features"], config["in_features"]))
+                   shape=(config["out_features"], config["in_features"]), by_columns=config.get("by_columns", False))
