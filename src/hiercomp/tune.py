@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ from hiercomp.depth.scoring import model_outputs, output_damage
 from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers, set_module
 from hiercomp.layers.base import CompressedLinear
+from hiercomp.layers.rotated import INNER_PREFIX
+from hiercomp.tune_codes import recode, recoder_for
 
 # Teacher outputs are computed once per calibration window and kept while they fit in this many bytes
 # (SmolLM2: 16 windows x 256 tokens x 49152 log-probabilities = 0.8 GB); beyond it they are recomputed each step.
@@ -63,6 +66,11 @@ class TuneConfig:
     schedule: str = "cosine"  # "cosine" (decay to zero over the steps) or "constant"
     keep_best: bool = True  # hold windows out, check the loss on them, keep the best state (the untuned included)
     check_every: int = 0  # steps between held-out checks; 0: steps // 8 (at least 1)
+    # The discrete half (hiercomp.tune_codes): every code_every steps (0: never) re-choose the codes of the
+    # code_fraction of units that a step of code_lr x the weights' RMS along the gradient moves most.
+    code_every: int = 0
+    code_lr: float = 0.05
+    code_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class TuneReport:
     held_out_before: float | None = None  # distillation loss on them before tuning
     held_out_after: float | None = None  # ... of the state kept
     best_step: int | None = None  # the step whose state was kept (0: the untuned one)
+    codes_changed: int = 0  # code units re-chosen by the V steps, in the state kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,12 +135,16 @@ def distill(
     schedule: str = "constant",
     held_out: torch.Tensor | None = None,
     check_every: int = 0,
+    after_step: Callable[[int], None] | None = None,
+    state: list[torch.Tensor] | None = None,
 ) -> DistillRun:
     """Adam on ``param_groups`` (torch's form: dicts with "params" and "lr") for ``steps`` batches of calibration
     windows drawn in a seeded order. Deterministic on CPU. The teacher's outputs are computed once per window
     while they fit in :data:`TEACHER_CACHE_BYTES`. ``schedule="cosine"`` decays every group's step to zero over
     the steps. With ``held_out`` windows, the loss on them is checked before the first step, every
-    ``check_every`` steps (0: steps // 8) and after the last, and the parameters end in the best checked state."""
+    ``check_every`` steps (0: steps // 8) and after the last, and the parameters end in the best checked state.
+    ``after_step(steps done)`` runs after each update (the V steps of tuning); tensors it changes in place that
+    belong to the state are listed in ``state``, kept and restored with the parameters."""
     if steps < 1:
         raise HiercompError(f"distillation needs at least 1 step, got {steps}")
     if calibration is None or calibration.dim() != 2 or calibration.shape[0] == 0:
@@ -144,7 +157,7 @@ def distill(
     optimizer = torch.optim.Adam(param_groups)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
                  if schedule == "cosine" else None)
-    params = [p for g in param_groups for p in g["params"]]
+    params = [p for g in param_groups for p in g["params"]] + list(state or [])
     checks: list[tuple[int, float]] = []
     best: tuple[float, int, list[torch.Tensor]] | None = None
     every = check_every or max(1, steps // 8)
@@ -195,6 +208,8 @@ def distill(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if after_step is not None:
+                after_step(step + 1)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if held_out is not None and ((step + 1) % every == 0 or step + 1 == steps):
@@ -239,9 +254,61 @@ class _TuningLinear(nn.Module):
             m.restore_stored()
             m.kernel = None  # a kernel holds its own copy of the scales: rebuilt from the tuned ones at the end
         # Unpack the codes once, kept compact (their dequantize reads them as they are, or as indices).
+        self.cached: dict[str, Any] = {}
         for attr in ("codes", "states"):
             if callable(getattr(core, attr, None)):
-                core.__dict__[attr] = _constant(_compact(getattr(core, attr)()))
+                self.cached[attr] = _compact(getattr(core, attr)())
+                core.__dict__[attr] = _constant(self.cached[attr])
+        recoder = recoder_for(core)
+        self.__dict__["recoder"] = recoder if recoder is not None and recoder.attr in self.cached else None
+        self.grad: torch.Tensor | None = None  # the gradient of the core's weight, summed since the last V step
+        self.track = False  # sum the weight's gradient (only when V steps are on: see start_recoding)
+        self.original: list[torch.Tensor] = []
+
+    def start_recoding(self) -> None:
+        self.track = self.recoder is not None
+        self.original = [c.clone() for c in self.codes()]
+
+    def changed(self) -> int:
+        """Code elements that differ from the ones the layer came with."""
+        return sum(int((c != o).sum()) for c, o in zip(self.codes(), self.original))
+
+    def codes(self) -> list[torch.Tensor]:
+        """The unpacked code tensors the V steps change in place (empty when this kind's codes stay)."""
+        if self.recoder is None:
+            return []
+        value = self.cached[self.recoder.attr]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def _sum_grad(self, grad: torch.Tensor) -> None:
+        self.grad = grad.detach().clone() if self.grad is None else self.grad.add_(grad)
+
+    def _core_weight(self) -> torch.Tensor:
+        weight = self.core.dequantize() if self.core is self.layer else self.layer.inner.dequantize()
+        if self.track and weight.requires_grad:
+            weight.register_hook(self._sum_grad)
+        return weight
+
+    def recode(self, lr: float, fraction: float) -> int:
+        """A V step on this layer's codes from the gradient summed since the last one (see hiercomp.tune_codes)."""
+        if self.recoder is None or self.grad is None:
+            return 0
+        attr, core = self.recoder.attr, self.core
+        codes = self.cached[attr]
+
+        def dequantize(other: Any) -> torch.Tensor:
+            core.__dict__[attr] = _constant(other)
+            try:
+                return core.dequantize()
+            finally:
+                core.__dict__[attr] = _constant(codes)
+
+        with torch.no_grad():
+            self._hand_masters()
+            self._refresh_inner()
+            changed = recode(core, self.recoder, codes, core.dequantize(), self.grad, dequantize, lr, fraction)
+        self.grad = None
+        return changed
 
     def _hand_masters(self) -> None:
         for n, p in zip(self.names, self.masters):
@@ -252,15 +319,19 @@ class _TuningLinear(nn.Module):
         layer = self.layer
         bias = layer._buffers.get("bias")
         if self.core is layer:
-            return F.linear(x, layer.dequantize(), bias)
+            return F.linear(x, self._core_weight(), bias)
         t_in, t_out = layer.transforms()  # a rotated layer: rotate the input, unrotate the output
-        y = t_out.apply_transpose(F.linear(t_in.apply(x), layer.inner.dequantize()))  # .inner hands the masters on
+        y = t_out.apply_transpose(F.linear(t_in.apply(x), self._core_weight()))  # .inner hands the masters on
         return y if bias is None else y + bias
 
     def finish(self) -> None:
         """Write the tuned values, in their stored dtype, into the layer's buffers; undo the code cache."""
         for n, p in zip(self.names, self.masters):
             self.layer._buffers[n] = p.detach().to(self.dtypes[n]).contiguous()
+        if self.original and self.changed():  # V steps re-chose codes: pack them (into the outer layer's buffers)
+            prefix = "" if self.core is self.layer else INNER_PREFIX
+            for name, value in self.recoder.packed(self.core, self.cached[self.recoder.attr]).items():
+                self.layer._buffers[prefix + name] = value
         self._refresh_inner()
         for attr in ("codes", "states"):
             self.core.__dict__.pop(attr, None)
@@ -346,10 +417,23 @@ def tune(
         for name, wrapper in wrappers.items():
             set_module(model, name, wrapper)
         train, held_out = split_held_out(calibration) if config.keep_best else (calibration, None)
+        codes: list[torch.Tensor] = []
+        if config.code_every:
+            for wrapper in wrappers.values():
+                wrapper.start_recoding()
+                codes += wrapper.codes()
+
+        def v_step(done_steps: int) -> None:
+            if done_steps % config.code_every == 0:
+                for wrapper in wrappers.values():
+                    wrapper.recode(config.code_lr, config.code_fraction)
+
         run = distill(model, teacher, train, _group(tensors, config.lr), steps=config.steps,
                       batch_size=config.batch_size, seed=config.seed, encoder=encoder, progress=progress,
                       desc="recovery tuning", schedule=config.schedule, held_out=held_out,
-                      check_every=config.check_every)
+                      check_every=config.check_every, after_step=v_step if config.code_every else None,
+                      state=codes)
+        codes_changed = sum(w.changed() for w in wrappers.values()) if config.code_every else 0
         done = True
     finally:
         for name, wrapper in wrappers.items():
@@ -365,7 +449,7 @@ def tune(
     return TuneReport(config.steps, len(tensors), sum(t.numel() for t in tensors), run.losses[0], run.losses[-1],
                       time.perf_counter() - start, held_out=0 if held_out is None else held_out.shape[0],
                       held_out_before=checks.get(0), held_out_after=checks.get(run.best_step),
-                      best_step=run.best_step)
+                      best_step=run.best_step, codes_changed=codes_changed)
 
 
 def split_held_out(calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

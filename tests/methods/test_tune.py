@@ -161,10 +161,10 @@ def test_cli_rotate_and_tune_on_stories260k(tmp_path, capsys):
     out = tmp_path / "m"
     code = main(["compress", str(STORIES), "--method", "gptq", "--bits", "3", "--group-size", "32", "--rotate",
                  "--calib", str(TINYSTORIES), "--calib-n", "8", "--calib-len", "64", "--tune-steps", "6",
-                 "--tune-lr", "0.005", "--quiet", "--out", str(out)])
+                 "--tune-lr", "0.005", "--tune-codes", "2", "--quiet", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / "hiercomp.json").read_text())
-    assert meta["tuning"]["steps"] == 6 and meta["tuning"]["lr"] == 0.005
+    assert meta["tuning"]["steps"] == 6 and meta["tuning"]["lr"] == 0.005 and meta["tuning"]["code_every"] == 2
     assert meta["tuning"]["loss_last"] < meta["tuning"]["loss_first"]
     assert {r["method"] for r in meta["recipe"]["rules"]} == {"rot_gptq"}
     layers = compressed_layers(hiercomp.load(out, runtime="reference").model)
@@ -173,4 +173,6 @@ def test_cli_rotate_and_tune_on_stories260k(tmp_path, capsys):
     assert "rotate applies to the quantizers" in capsys.readouterr().err
     assert main(["compress", str(STORIES), "--method", "rtn", "--tune-steps", "2", "--out", str(tmp_path / "t")]) == 2
     assert "--calib" in capsys.readouterr().err
-    assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
+    assert main(["compress", str(STORIES), "--method", "rtn", "--tune-codes", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "add --tune-steps" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("w", "t", "c"))

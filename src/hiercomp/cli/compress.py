@@ -35,6 +35,9 @@ from hiercomp.errors import HiercompError
                    "original for this many steps (needs --calib; see hiercomp.tune).")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="With --tune-steps: Adam's step relative to each tuned tensor's size.")
+@click.option("--tune-codes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --tune-steps: every N steps also re-choose the codes a gradient step moves most "
+                   "(PV-Tuning's V step; grids, E8, trellis); 0 keeps the codes.")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
@@ -87,7 +90,7 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
              cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
-             tune_lr: float = 1e-3, stream: bool = False, workers: int | None = None,
+             tune_lr: float = 1e-3, tune_codes: int = 0, stream: bool = False, workers: int | None = None,
              ray_address: str | None = None, worker_threads: int | None = None) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
@@ -115,7 +118,10 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
     if tune_steps:
         from hiercomp.tune import TuneConfig
 
-        recovery = [r for r in (recovery, TuneConfig(steps=tune_steps, lr=tune_lr, seed=seed)) if r is not None]
+        tuning = TuneConfig(steps=tune_steps, lr=tune_lr, seed=seed, code_every=tune_codes)
+        recovery = [r for r in (recovery, tuning) if r is not None]
+    elif tune_codes:
+        raise HiercompError("--tune-codes re-chooses codes during recovery tuning: add --tune-steps N")
     evo = None
     if budget is not None:
         from hiercomp.budget.evo import EvoConfig
