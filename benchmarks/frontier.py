@@ -82,6 +82,8 @@ RD_TRELLIS_REAL = [("rot_trellis L=12", "rot_trellis", {"bits": 2, "state_bits":
 # levels=SEARCH_LEVELS, search="evo"), with an evolutionary search small enough for stories260K on a shared 2-core
 # machine (EvoPress's defaults are 60 generations of 16 offspring); candidates are cached under REF_CACHE.
 SEARCH_LEVELS = "quip:bits=2.0,2.5,3.0;gptq:bits=2,3,4:group_size=64"
+# ... and with the trellis (its Hessian sweep) beside them: "search with trellis" rows
+TRELLIS_SEARCH_LEVELS = "rot_trellis:bits=2,3;" + SEARCH_LEVELS
 SEARCH_EVO = {"generations": 24, "offspring": 8, "stages": [[2, 1024], [1, 4096]], "seed": 0}
 MODEL_CONFIGS = {
     "stories260K": [
@@ -92,6 +94,9 @@ MODEL_CONFIGS = {
         ("hqq", {"bits": 2, "group_size": 64}), ("hqq", {"bits": 3, "group_size": 64}),
         ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}),
         ("search", {"budget": "3.0bpw", "levels": SEARCH_LEVELS}),
+        ("rot_trellis", {"bits": 2}), ("rot_trellis", {"bits": 3}),
+        ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
+        ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}),
     ],
     "SmolLM2-135M": [  # the most telling first, in case the time runs out
         ("quip", {"bits": 2.0}), ("gptq", {"bits": 2, "group_size": 128}), ("rot_gptq", {"bits": 2, "group_size": 128}),
@@ -302,7 +307,9 @@ TUNE = {"SmolLM2-135M": {"steps": 32, "lr": 1e-2, "batch_size": 1, "window": 128
         "stories260K": {"steps": 256, "lr": 3e-3, "batch_size": 4, "window": 256}}
 TUNED_CONFIGS = {  # the most telling first, in case the time runs out
     "stories260K": [("quip", {"bits": 2.0}), ("search", {"budget": "3.0bpw", "levels": SEARCH_LEVELS}),
-                    ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}), ("quip", {"bits": 2.5})],
+                    ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}), ("quip", {"bits": 2.5}),
+                    ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
+                    ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}), ("rot_trellis", {"bits": 2})],
     "SmolLM2-135M": [("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
                      ("rot_gptq", {"bits": 2, "group_size": 32})],
@@ -782,7 +789,8 @@ def label(row: dict) -> str:
     p = row.get("params") or {}
     tuned = f" + tune {row['tune']['steps']}" if "tune" in row else ""
     if row["method"] == "search":
-        return f"search (evo, budget {p['budget']})" + tuned
+        kind = "search with trellis" if p["levels"] == TRELLIS_SEARCH_LEVELS else "search"
+        return f"{kind} (evo, budget {p['budget']})" + tuned
     return row["method"] + "".join(f" {k}={v}" for k, v in p.items() if not k.startswith("tune_")) + tuned
 
 
@@ -863,7 +871,7 @@ def render() -> None:
                                            ("wikitext2_kl", "WikiText-2 KL", f4),
                                            ("seconds", "compress s", "{:.0f}".format),
                                            ("peak_mb", "peak MB", "{:.0f}".format)]), ""]
-            lines += search_notes([r for r in sel if r["method"] == "search"], SEARCH_LEVELS)
+            lines += search_notes([r for r in sel if r["method"] == "search"])
             if model_name == "stories260K" and any(r["method"] == "search" for r in sel):
                 lines += ["Wall times: the search rows were measured in a later run than the other rows (another "
                           "code revision and machine load): quip bits=2.0, re-run beside them, compressed in 5 s "
@@ -984,22 +992,26 @@ def minilm_lines(rows: list[dict]) -> list[str]:
                                          ("seconds", "compress s", "{:.0f}".format),
                                          ("peak_mb", "peak MB", "{:.0f}".format)]
                            + ([("note", "note", None)] if failed else [])), "",
-            *search_notes([r for r in ok if r["method"] == "search"], MINILM_SEARCH_LEVELS)]
+            *search_notes([r for r in ok if r["method"] == "search"])]
 
 
-def search_notes(searched: list[dict], levels: str) -> list[str]:
+def search_notes(searched: list[dict]) -> list[str]:
     """How the search rows were made, and each plan's mix of levels."""
     if not searched:
         return []
     evo = SEARCH_EVO
+    levels = sorted({r["params"]["levels"] for r in searched}, key=len)
+    named = " (**search** rows), ".join(f"`{x}`" for x in levels) + (" (**search with trellis** rows)"
+                                                                      if len(levels) > 1 else "")
     out = ["**search** rows: `hiercomp.compress(path, calibration=<the same windows>, budget=B, "
-           f"levels=\"{levels}\", search=\"evo\", evo=EvoConfig(generations={evo['generations']}, "
-           f"offspring={evo['offspring']}, stages={evo['stages']}, seed={evo['seed']}))`: a per-layer plan is "
-           "searched over those 6 levels (fitness: KL to the original's next-token distribution for a causal LM, "
-           "1 − cosine of the last hidden states for an encoder, on calibration tokens; each candidate layer "
-           "compressed once from the original's activations), then the model is compressed by that plan "
-           "(sequentially, as every other row) and evaluated exactly as the other rows. Its compress s includes "
-           "building the candidates and the search (candidates are cached, so the second budget reuses the first's).",
+           f"levels=L, search=\"evo\", evo=EvoConfig(generations={evo['generations']}, "
+           f"offspring={evo['offspring']}, stages={evo['stages']}, seed={evo['seed']}))` with L = {named}: "
+           "a per-layer plan is searched over those levels (fitness: KL to the original's next-token distribution "
+           "for a causal LM, 1 − cosine of the last hidden states for an encoder, on calibration tokens; "
+           "each candidate layer compressed once from the original's activations), then the model is compressed "
+           "by that plan (sequentially, as every other row) and evaluated exactly as the other rows. Its compress s "
+           "includes building the candidates and the search (candidates are cached, so the second budget reuses the "
+           "first's).",
            "", f"Search plans (layers per level, of the model's {sum(searched[0]['plan_mix'].values())} linear "
            "layers):", ""]
     for r in searched:
