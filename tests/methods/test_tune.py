@@ -35,6 +35,17 @@ CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1
 IDS = torch.arange(16).view(1, 16)
 
 
+def assert_reloads_bit_exactly(cm: hiercomp.CompressedModel, folder) -> tuple[torch.Tensor, hiercomp.CompressedModel]:
+    """Save ``cm`` to ``folder``; the reference load computes the same logits bit for bit. Returns (logits, load)."""
+    with torch.no_grad():
+        logits = cm.model(input_ids=IDS).logits
+    cm.save(folder)
+    again = hiercomp.load(folder, runtime="reference")
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    return logits, again
+
+
 @pytest.mark.parametrize(("method", "params", "inner"), [
     ("rtn", {"bits": 3, "group_size": 32}, "QuantizedLinear"),
     ("gptq", {"bits": 3, "group_size": 32}, "QuantizedLinear"),
@@ -49,12 +60,7 @@ def test_rotate_wraps_the_quantizer_and_reloads_bit_exactly(tmp_path, method, pa
     layers = compressed_layers(cm.model)
     assert len(layers) == 14 and all(isinstance(m, RotatedLinear) and m.seed == 7 for m in layers.values())
     assert {type(m.inner).__name__ for m in layers.values()} == {inner}
-    with torch.no_grad():
-        logits = cm.model(input_ids=IDS).logits
-    cm.save(tmp_path / "m")
-    again = hiercomp.load(tmp_path / "m", runtime="reference")
-    with torch.no_grad():
-        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    _, again = assert_reloads_bit_exactly(cm, tmp_path / "m")
     assert all(m.seed == 7 for m in compressed_layers(again.model).values())
 
 
@@ -91,12 +97,8 @@ def test_tuning_lowers_the_loss_keeps_codes_and_dtypes_and_reloads_bit_exactly(t
         ref = model_outputs(original, CALIB, False)
         kl = {k: float(output_damage(ref, model_outputs(m, CALIB, False), False).mean())
               for k, m in (("plain", plain.model), ("tuned", cm.model))}
-        logits = cm.model(input_ids=IDS).logits
     assert kl["tuned"] < 0.7 * kl["plain"]
-    cm.save(tmp_path / "m")
-    again = hiercomp.load(tmp_path / "m", runtime="reference")
-    with torch.no_grad():
-        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    logits, again = assert_reloads_bit_exactly(cm, tmp_path / "m")
     assert again.extra["tuning"]["loss_last"] == facts["loss_last"]
     fast = hiercomp.load(tmp_path / "m", runtime="fast")  # the inner kernels are built from the tuned scales
     with torch.no_grad():

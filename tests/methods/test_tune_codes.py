@@ -14,7 +14,7 @@ from hiercomp.methods import make_method
 from hiercomp.recipe import Recipe
 from hiercomp.tune import TuneConfig
 from hiercomp.tune_codes import recode, recoder_for
-from tests.methods.test_tune import CALIB, IDS, tiny_llama
+from tests.methods.test_tune import CALIB, IDS, assert_reloads_bit_exactly, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,12 +79,7 @@ def test_tuning_with_v_steps_re_chooses_codes_and_reloads_bit_exactly(tmp_path, 
     assert stored and any(  # the re-chosen codes are in the stored (packed) buffers
         not torch.equal(layer.state_dict()[n], compressed_layers(plain.model)[name].state_dict()[n])
         for name, layer in compressed_layers(cm.model).items() for n in stored)
-    with torch.no_grad():
-        logits = cm.model(input_ids=IDS).logits
-    cm.save(tmp_path / "m")
-    again = hiercomp.load(tmp_path / "m", runtime="reference")
-    with torch.no_grad():
-        assert torch.equal(again.model(input_ids=IDS).logits, logits)
+    logits, _ = assert_reloads_bit_exactly(cm, tmp_path / "m")
     fast = hiercomp.load(tmp_path / "m", runtime="fast")
     with torch.no_grad():
         assert torch.allclose(fast.model(input_ids=IDS).logits, logits, atol=1e-4)
