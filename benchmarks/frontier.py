@@ -76,7 +76,8 @@ RD_REAL = ([("gptq g128", "gptq", {"bits": b, "group_size": 128}) for b in (2, 3
 RD_TRELLIS_GAUSS = [("trellis L=12", "trellis", {"bits": 2, "state_bits": 12}),
                     ("trellis L=16", "trellis", {"bits": 2, "state_bits": 16}),
                     ("trellis L=12", "trellis", {"bits": 3, "state_bits": 12})]
-RD_TRELLIS_REAL = [("rot_trellis L=12", "rot_trellis", {"bits": 2, "state_bits": 12})]
+# On the real layers, with their Hessians: each column Viterbi-encoded inside GPTQ's sweep (methods/trellis.py).
+RD_TRELLIS_REAL = [("rot_trellis L=12", "rot_trellis", {"bits": b, "state_bits": 12}) for b in (2, 3)]
 
 # The budget search over the new and the scalar levels together (issue 16, point 5): hiercomp.compress(budget=...,
 # levels=SEARCH_LEVELS, search="evo"), with an evolutionary search small enough for stories260K on a shared 2-core
