@@ -396,6 +396,9 @@ def tune(
         raise HiercompError(f"tuning needs at least 1 step, got {config.steps}; drop --tune-steps to skip it")
     if not config.lr > 0:
         raise HiercompError(f"the tuning learning rate must be positive, got {config.lr}")
+    if config.code_every < 0 or (config.code_every and not (config.code_lr > 0 and 0 < config.code_fraction <= 1)):
+        raise HiercompError("re-choosing codes needs code_every >= 0, code_lr > 0 and 0 < code_fraction <= 1, got "
+                            f"{config.code_every}, {config.code_lr}, {config.code_fraction}")
     if calibration is None:
         raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
     layers = compressed_layers(model)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hiercomp
+from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers
 from hiercomp.methods import make_method
 from hiercomp.recipe import Recipe
@@ -97,3 +98,10 @@ def test_a_v_step_that_hurts_is_undone_by_the_held_out_check():
     assert facts["best_step"] == 0 and facts["codes_changed"] == 0
     for name, layer in compressed_layers(cm.model).items():
         assert torch.equal(layer.qweight, compressed_layers(plain.model)[name].qweight)
+
+
+def test_v_step_settings_are_checked():
+    for bad in ({"code_every": -1}, {"code_every": 2, "code_fraction": 0.0}, {"code_every": 2, "code_lr": 0.0}):
+        with pytest.raises(HiercompError, match="re-choosing codes needs"):
+            hiercomp.compress(tiny_llama(), Recipe.single("rtn", bits=4), CALIB, progress=False,
+                              recovery=TuneConfig(steps=2, **bad))
