@@ -9,12 +9,15 @@ windows. What is trained:
   scales), float zeros (HQQ), HLQ's plane scales and offsets, low-rank factors, kept sparse values, biases;
 - the weights of the normalisation layers (RMSNorm / LayerNorm), which are stored dense anyway.
 
-Integer zeros, codes and the computed codebooks (E8 lattice, the trellis's hashed Gaussian) are discrete or
-not stored, so they stay. PV-Tuning's other half (re-choosing codes by a projected step) is not done here.
+Integer zeros and the computed codebooks (E8 lattice, the trellis's hashed Gaussian) are discrete or not stored,
+so they stay. The codes stay too, unless ``code_every`` asks for PV-Tuning's other half: every that many steps a
+V step (:mod:`hiercomp.tune_codes`) re-chooses the few codes a projected gradient step moves most; the codes are
+part of the state the held-out checks keep.
 
 Exactness: each stored tensor keeps its dtype. Training runs on a float32 master copy, and the forward uses
 that master rounded to the stored dtype (straight-through), so the model that was trained is bit for bit the
-model that is saved and reloaded: the tuned float16 scales are what goes to disk, nothing else changes form.
+model that is saved and reloaded: the tuned float16 scales (and any re-chosen codes, packed) are what goes to
+disk, nothing else changes form.
 
 Step size: Adam with one learning rate per tensor, ``lr`` times that tensor's root mean square, so ``lr`` is a
 relative step (1e-3 moves a scale by about 0.1 % per step) whatever the tensor's units, decayed to zero on a
@@ -85,7 +88,7 @@ class TuneReport:
     held_out_before: float | None = None  # distillation loss on them before tuning
     held_out_after: float | None = None  # ... of the state kept
     best_step: int | None = None  # the step whose state was kept (0: the untuned one)
-    codes_changed: int = 0  # code units re-chosen by the V steps, in the state kept
+    codes_changed: int = 0  # code integers the V steps changed, in the state kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
