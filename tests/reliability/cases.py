@@ -644,6 +644,10 @@ CASES: list[Case] = [
          lambda env, case: rtn(env["stories"], case, "--bits", "2", "--calib", str(env["text"]), "--calib-n", "2",
                                "--calib-len", "64", "--tune-steps", "6", "--tune-lr", "1e6"),
          "diverged"),
+    Case("compress: --tune-codes without --tune-steps",
+         lambda env, case: rtn(env["stories"], case, "--tune-codes", "4"), "add --tune-steps"),
+    Case("compress: trellis with its Hessian sweep and no --calib",
+         lambda env, case: compress_args(env["stories"], case / "out", "--method", "trellis"), "pass --calib"),
     # -- context compression options
     Case("eval: --context cascade with coarse below 1", _context_option("cascade:budget=0.25x,coarse=0.5"),
          "coarse must be a number of at least 1"),
