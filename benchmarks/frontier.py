@@ -321,7 +321,11 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
     "SmolLM2-135M": [("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
                      ("rot_gptq", {"bits": 2, "group_size": 32})],
-    STORIES_256: [("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS})],
+    # ... and the same with PV-Tuning's V steps (hiercomp.tune_codes; the least harmful of six settings tried on the
+    # held-out windows)
+    STORIES_256: [("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
+                  ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS, "tune_code_every": 8,
+                              "tune_code_lr": 0.02, "tune_code_fraction": 0.0005})],
 }
 
 
@@ -351,10 +355,11 @@ def run_tuned(model_name: str, method: str, params: dict) -> dict:
     path, tokenizer, windows, ref = setup(model_name)
     calib = calibration(model_name, tokenizer)
     settings = TUNE[model_name]
+    v_steps = {k.removeprefix("tune_"): v for k, v in params.items() if k.startswith("tune_code")}
     start = time.perf_counter()
-    cm = compress_config(path, method, params, calib)
+    cm = compress_config(path, method, {k: v for k, v in params.items() if not k.startswith("tune_")}, calib)
     seconds = time.perf_counter() - start
-    config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"])
+    config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"], **v_steps)
     row = {"model": model_name, "method": method, "params": params, "bpw": cm.bits_per_weight,
            "calib": list(calib.shape), "compress_seconds": seconds,
            "tune": {**asdict(config), "window": settings["window"]}}
@@ -798,6 +803,8 @@ def run_tasks() -> None:
 def label(row: dict) -> str:
     p = row.get("params") or {}
     tuned = f" + tune {row['tune']['steps']}" if "tune" in row else ""
+    if row.get("tune", {}).get("code_every"):
+        tuned += f" with V steps every {row['tune']['code_every']}"
     if row["method"] == "search":
         kind = "search with trellis" if p["levels"] == TRELLIS_SEARCH_LEVELS else "search"
         return f"{kind} (evo, budget {p['budget']})" + tuned
