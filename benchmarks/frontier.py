@@ -6,11 +6,13 @@ Five parts, all written to benchmarks/results/frontier.md:
    R − ½·log2(σ²/MSE) on an iid Gaussian matrix and on the same 8 real layers (stories260K and MiniLM
    block 2, with their calibration Hessians), plus the relative output error GPTQ-style methods minimise.
 2. stories260K and SmolLM2-135M-Instruct compressed whole at ~2 / 2.5 / 3 bpw by each new method (quip,
-   rot_gptq) and by GPTQ and HQQ, and (stories260K) by the budget search over quip and GPTQ levels together:
+   rot_gptq; rot_trellis on stories260K) and by GPTQ and HQQ, and (stories260K) by the budget search over quip
+   and GPTQ levels, and over the trellis's levels with them; stories260K once more with 256 calibration windows:
    TinyStories and WikiText-2 perplexity, KL to the original on held-out text, exact bits per weight of the
    compressed layers, compression wall time and peak memory; greedy samples at 2 bpw. Each configuration runs
    in its own process so its peak memory is its own.
-3. Recovery tuning, and llm-compressor's GPTQ on SmolLM2 (its own venv, same windows, same script).
+3. Recovery tuning (with PV-Tuning's V steps in one row), and llm-compressor's GPTQ (its own venv, same
+   windows, same script).
 4. all-MiniLM-L6-v2 whole (methods.py's protocol: SQuAD recall@1, embedding cosine): quip, rot_gptq, gptq, hqq,
    the budget search, and llm-compressor's GPTQ run on the BERT encoder in its venv (rows in
    frontier_minilm_rows.jsonl).
@@ -813,21 +815,24 @@ def label(row: dict) -> str:
 
 def render() -> None:
     f3, f4 = "{:.3f}".format, "{:.4f}".format
-    lines = ["# The 2–3 bit frontier: incoherence processing and the E8 lattice codebook", "",
+    lines = ["# The 2–3 bit frontier: incoherence processing, the E8 lattice codebook and the trellis", "",
              f"Machine: {machine()}. `nice -n 10 python benchmarks/frontier.py`.", "",
              "New methods: **quip** = randomized Hadamard rotation of both sides of every linear layer (seeded, "
              "regenerated on load) + the E8 lattice codebook (2^16 lattice points in 8 dimensions = 2 bits per "
              "weight; residual stages for 2.5 / 3 bpw) + BlockLDLQ error feedback (GPTQ's sweep in blocks of 8 "
-             "columns); **rot_gptq** = the same rotation under the ordinary scalar GPTQ grid. Every rate is the "
-             "exact stored bits per weight (codes + float16 row scales + 64-bit seed; for the scalar grids codes + "
-             "scales + zeros). **+ tune N** = the same compressed model after N steps of recovery tuning "
-             "(`--tune-steps`, hiercomp.tune: the stored scales/zeros and the RMSNorm weights distilled from the "
-             "original; codes fixed). **llm-compressor** rows (SmolLM2 in section 3, MiniLM in section 2) are its "
+             "columns); **rot_gptq** = the same rotation under the ordinary scalar GPTQ grid; **rot_trellis** = the "
+             "same rotation + QTIP's bitshift trellis (L = 12-bit state, k = 2 or 3 bits per weight, computed "
+             "Gaussian codebook), each column Viterbi-encoded inside GPTQ's error-feedback sweep. Every rate is the "
+             "exact stored bits per weight (codes + float16 row scales + 64-bit seed, + the trellis's start states; "
+             "for the scalar grids codes + scales + zeros). **+ tune N** = the same compressed model after N steps of "
+             "recovery tuning (`--tune-steps`, hiercomp.tune: the stored scales/zeros and the RMSNorm weights "
+             "distilled from the original; codes fixed unless the row says **with V steps**, `--tune-codes`). "
+             "**llm-compressor** rows (SmolLM2 in section 3, MiniLM in section 2) are its "
              "GPTQModifier run in its own venv (/work/venvs/llmcompressor: llmcompressor 0.14.0.1, transformers "
              "5.17.0, the same CPU torch) on the same calibration windows and scored on the same held-out windows "
              "against the same reference logits (MiniLM: the same SQuAD texts against the same reference "
              "embeddings), by the same script. **search** = the budget search (`hiercomp.compress(budget=...)`) over "
-             "quip and GPTQ levels together.", ""]
+             "quip and GPTQ levels together; **search with trellis** = over rot_trellis, quip and GPTQ levels.", ""]
     if RD_ROWS.exists():
         rd = json.loads(RD_ROWS.read_text())
         lines += ["## 1. Rate-distortion against the Shannon bound", "",
@@ -894,7 +899,8 @@ def render() -> None:
                 lines += ["Wall times: the search rows were measured in a later run than the other rows (another "
                           "code revision and machine load): quip bits=2.0, re-run beside them, compressed in 5 s "
                           "(90 s in the table) to the same model (KL 2.2551 / 2.2688 again). Compare compress s "
-                          "within one run only.", ""]
+                          "within one run only. The rot_trellis and search-with-trellis rows come from a third "
+                          "run (2026-12-07), on a machine shared with other jobs.", ""]
             samples = [r for r in sel if r.get("samples")]
             if samples:
                 lines += [f"Greedy samples ({model_name}, 32 new tokens):", ""]
