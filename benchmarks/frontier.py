@@ -106,6 +106,9 @@ MODEL_CONFIGS = {
         ("hqq", {"bits": 2, "group_size": 64}),
         ("quip", {"bits": 3.0}), ("gptq", {"bits": 3, "group_size": 128}), ("rot_gptq", {"bits": 3, "group_size": 128}),
         ("quip", {"bits": 2.5}), ("gptq", {"bits": 2, "group_size": 32}), ("hqq", {"bits": 3, "group_size": 64}),
+        # quip bits=3.0 lands at 3.047 bpw (two float16 scales per 576-wide row): a plan at 3.0 exactly gives a few
+        # layers 2.5 bpw (issue 16's goal counts rows at no more than 3 bpw)
+        ("search", {"budget": "3.0bpw", "levels": "quip:bits=2.5,3.0"}),
     ],
 }
 SAMPLE_PROMPTS = ["Once upon a time, there was a little", "The capital of France is"]
