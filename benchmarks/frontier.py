@@ -98,6 +98,7 @@ MODEL_CONFIGS = {
         ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}),
         ("search", {"budget": "3.0bpw", "levels": SEARCH_LEVELS}),
         ("rot_trellis", {"bits": 2}), ("rot_trellis", {"bits": 3}),
+        ("rot_trellis", {"bits": 3, "state_bits": 16}),  # 16x the Viterbi work of the default 12-bit state
         ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
         ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}),
     ],
