@@ -29,7 +29,7 @@ from hiercomp.layers.quantized import QuantizedLinear
 from hiercomp.layers.trellis import TrellisLinear, paths_to_bits, viterbi
 from hiercomp.layers.vq import DIM, E8Linear, _pack_wide
 from hiercomp.methods.vq import encode_vectors
-from hiercomp.quant.grid import expand_to_columns, quantize_codes
+from hiercomp.quant.grid import expand_to_columns
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Recoder:
 def _grid_encode(core: QuantizedLinear, target: torch.Tensor) -> torch.Tensor:
     s = expand_to_columns(core.scales.float(), core.in_features, core.grid.group_size)
     z = expand_to_columns(core.zeros().float(), core.in_features, core.grid.group_size)
-    return quantize_codes(target, s, z, core.grid.maxq).to(torch.int64)
+    # round(T/s + z), not round(T/s) + z: HQQ's zeros are float16, not integers
+    return torch.clamp(torch.round(target / s + z), 0, core.grid.maxq).to(torch.int64)
 
 
 def _e8_padded(core: E8Linear, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def _dequantize_with(layer, attr):
 
 @pytest.mark.parametrize(("method", "params", "unit"), [
     ("rtn", {"bits": 3, "group_size": 32}, 1),
+    ("hqq", {"bits": 2, "group_size": 32}, 1),  # float16 zeros
     ("e8", {"bits": 3.0}, 8),
     ("trellis", {"bits": 2, "state_bits": 8}, 64),
 ])

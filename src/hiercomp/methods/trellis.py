@@ -10,9 +10,10 @@ With the calibration Hessian (``ldlq=True``, the default) the trellis is paired 
 pairs it with BlockLDLQ): the columns are visited in order as GPTQ visits them, each column (all the rows) is one
 trellis sequence, Viterbi-encoded from its current, error-updated values, and its error is moved onto the columns
 not yet quantized, exactly as GPTQ moves a rounding error. The layer then stores its sequences by columns. The
-Viterbi search runs once per column, a sequence of ``out`` steps: it suits small and medium layers on a CPU
-(stories260K: seconds; a 1536 x 576 layer: about a minute at L = 12). The rows should be Gaussian-like: use it
-under rotation, ``rot_trellis``.
+Viterbi search runs once per column, a sequence of ``out`` steps, and each step costs 2^L: it suits small and
+medium layers on a CPU (the 8 real layers of frontier.md's section 1, up to 1536 x 384: 13 s each at L = 12;
+stories260K whole: 14 s at L = 12, 87 s at L = 16). The rows should be Gaussian-like: use it under rotation,
+``rot_trellis``.
 """
 
 from __future__ import annotations
