@@ -1133,11 +1133,11 @@ READING: list[str] = [
     "layers quip bits=2.0, the rest mostly gptq 3/4-bit g64 and quip bits=3.0) reaches TinyStories KL 1.193 and "
     "WikiText-2 KL 1.460: lower than every uniform row below 3 bpw, including quip bits=2.5 at 2.948 bpw (1.689 / "
     "1.780) and quip bits=2.0 at 2.233 bpw (2.255 / 2.269). At 3.0 bpw (2.999) its KL 0.663 / 0.973 is lower than "
-    "any row at ≤ 3 bpw, but not as low as gptq 3-bit g64 at 3.305 bpw (0.495 / 0.820) or quip bits=3.0 at 3.451 "
-    "bpw (0.565 / 0.789): the search spends a budget well; it does not make 3.0 bpw as good as 3.3–3.5. Given "
-    "the trellis's levels as well, it does: at 2.996 bpw (15 layers 3-bit trellis, 12 2-bit trellis, 8 GPTQ) KL "
-    "0.368 / 0.642, below gptq 3-bit g64 at 3.305 bpw; at 2.497 bpw 0.939 / 1.208 (tuned 0.682 / 1.040), below "
-    "the quip and GPTQ plan at 2.500 (1.193 / 1.460).",
+    "any row at ≤ 3 bpw without the trellis, but not as low as gptq 3-bit g64 at 3.305 bpw (0.495 / 0.820) or "
+    "quip bits=3.0 at 3.451 bpw (0.565 / 0.789): the search spends a budget well; it does not make 3.0 bpw as good "
+    "as 3.3–3.5. Given the trellis's levels as well, it does: at 2.996 bpw (15 layers 3-bit trellis, 12 2-bit "
+    "trellis, 8 GPTQ) KL 0.368 / 0.642, below gptq 3-bit g64 at 3.305 bpw and quip bits=3.0 at 3.451; at 2.497 "
+    "bpw 0.939 / 1.208 (tuned 0.682 / 1.040), below the quip and GPTQ plan at 2.500 (1.193 / 1.460).",
     "- **The same search on MiniLM.** At 2.500 bpw the plan (23 layers quip bits=2.0, 12 quip bits=3.0, 1 gptq) "
     "keeps recall@1 0.867 (original 0.873) and cosine 0.906, ahead of llm-compressor's 3-bit row of highest cosine "
     "(asymmetric g128 at 3.211 bpw: 0.820 and 0.901) at 0.7 bit per weight less; at 2.996 bpw its cosine is 0.947 "
