@@ -41,7 +41,7 @@ def test_a_v_step_moves_the_units_that_gain_most_toward_the_target(method, param
     torch.manual_seed(0)
     layer = make_method(method, **params).compress(torch.randn(16, 64), None, None, "x", "linear")
     recoder = recoder_for(layer)
-    codes = layer.__getattribute__(recoder.attr)()
+    codes = getattr(layer, recoder.attr)()
     tensors = codes if isinstance(codes, list) else [codes]
     before = [c.clone() for c in tensors]
     layer.__dict__[recoder.attr] = lambda: codes  # what tuning does: its dequantize reads the cached codes
