@@ -50,7 +50,7 @@ from hiercomp.errors import HiercompError
 from hiercomp.hierarchy import compressed_layers, set_module
 from hiercomp.layers.base import CompressedLinear
 from hiercomp.layers.rotated import INNER_PREFIX
-from hiercomp.tune_codes import recode, recoder_for
+from hiercomp.tune_codes import code_tensors, recode, recoder_for
 
 # Teacher outputs are computed once per calibration window and kept while they fit in this many bytes
 # (SmolLM2: 16 windows x 256 tokens x 49152 log-probabilities = 0.8 GB); beyond it they are recomputed each step.
@@ -278,10 +278,7 @@ class _TuningLinear(nn.Module):
 
     def codes(self) -> list[torch.Tensor]:
         """The unpacked code tensors the V steps change in place (empty when this kind's codes stay)."""
-        if self.recoder is None:
-            return []
-        value = self.cached[self.recoder.attr]
-        return list(value) if isinstance(value, (list, tuple)) else [value]
+        return [] if self.recoder is None else code_tensors(self.cached[self.recoder.attr])
 
     def _sum_grad(self, grad: torch.Tensor) -> None:
         self.grad = grad.detach().clone() if self.grad is None else self.grad.add_(grad)
@@ -333,7 +330,7 @@ class _TuningLinear(nn.Module):
             self.layer._buffers[n] = p.detach().to(self.dtypes[n]).contiguous()
         if self.original and self.changed():  # V steps re-chose codes: pack them (into the outer layer's buffers)
             prefix = "" if self.core is self.layer else INNER_PREFIX
-            for name, value in self.recoder.packed(self.core, self.cached[self.recoder.attr]).items():
+            for name, value in self.core.packed_codes(self.cached[self.recoder.attr]).items():
                 self.layer._buffers[prefix + name] = value
         self._refresh_inner()
         for attr in ("codes", "states"):

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from hiercomp.layers.base import CompressedLinear
-from hiercomp.layers.packing import pack_bits
 from hiercomp.layers.quantized import QuantizedLinear
-from hiercomp.layers.trellis import TrellisLinear, paths_to_bits, viterbi
-from hiercomp.layers.vq import DIM, E8Linear, _pack_wide
+from hiercomp.layers.trellis import TrellisLinear, viterbi
+from hiercomp.layers.vq import DIM, E8Linear
 from hiercomp.methods.vq import encode_vectors
 from hiercomp.quant.grid import expand_to_columns
 
@@ -36,12 +35,11 @@ from hiercomp.quant.grid import expand_to_columns
 class Recoder:
     """How one layer kind re-chooses its codes: ``encode(core, target)`` gives new codes in the form its ``codes()``
     (or ``states()``) returns; ``unit_error(diff)`` sums a weight difference (out, in) per code unit, in a shape
-    that broadcasts against every code tensor; ``packed(core, codes)`` gives the stored buffers for codes."""
+    that broadcasts against every code tensor. The layer's own ``packed_codes`` stores them."""
 
     attr: str  # the core's method that returns the unpacked codes: "codes" or "states"
     encode: Callable[[Any, torch.Tensor], Any]
     unit_error: Callable[[Any, torch.Tensor], torch.Tensor]
-    packed: Callable[[Any, Any], dict[str, torch.Tensor]]
 
 
 def _grid_encode(core: QuantizedLinear, target: torch.Tensor) -> torch.Tensor:
@@ -70,16 +68,10 @@ def _trellis_unit_error(core: TrellisLinear, diff: torch.Tensor) -> torch.Tensor
 
 
 RECODERS: dict[type, Recoder] = {
-    QuantizedLinear: Recoder(
-        "codes", _grid_encode, lambda core, d: d.pow(2),
-        lambda core, codes: {"qweight": pack_bits(codes, core.grid.bits)}),
-    E8Linear: Recoder(
-        "codes", _e8_encode,
-        lambda core, d: _e8_padded(core, d).view(d.shape[0], core.vectors, DIM).pow(2).sum(-1),
-        lambda core, codes: {f"codes{s}": _pack_wide(c, b) for s, (c, b) in enumerate(zip(codes, core.stage_bits))}),
-    TrellisLinear: Recoder(
-        "states", _trellis_encode, _trellis_unit_error,
-        lambda core, states: {"bitstream": pack_bits(paths_to_bits(states.long(), core.state_bits, core.bits), 1)}),
+    QuantizedLinear: Recoder("codes", _grid_encode, lambda core, d: d.pow(2)),
+    E8Linear: Recoder("codes", _e8_encode,
+                      lambda core, d: _e8_padded(core, d).view(d.shape[0], core.vectors, DIM).pow(2).sum(-1)),
+    TrellisLinear: Recoder("states", _trellis_encode, _trellis_unit_error),
 }
 
 
@@ -88,7 +80,8 @@ def recoder_for(core: CompressedLinear) -> Recoder | None:
     return RECODERS.get(type(core))
 
 
-def _tensors(codes: Any) -> list[torch.Tensor]:
+def code_tensors(codes: Any) -> list[torch.Tensor]:
+    """A layer's unpacked codes as a list of tensors (E8 has one per stage, the others one)."""
     return list(codes) if isinstance(codes, (list, tuple)) else [codes]
 
 
@@ -107,6 +100,6 @@ def recode(core: CompressedLinear, recoder: Recoder, codes: Any, weight: torch.T
     k = min(units, max(1, math.ceil(fraction * units)))
     threshold = torch.topk(gain.reshape(-1), k).values[-1]
     take = (gain >= threshold) & (gain > 0)
-    for old, fresh in zip(_tensors(codes), _tensors(new)):
+    for old, fresh in zip(code_tensors(codes), code_tensors(new)):
         old.copy_(torch.where(take.expand_as(old), fresh.to(old.dtype), old))
     return int(take.sum())

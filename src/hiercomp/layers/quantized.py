@@ -51,13 +51,17 @@ class QuantizedLinear(CompressedLinear):
                 self.register_buffer("qzeros", torch.empty(packed_nbytes(out_features * groups, grid.bits),
                                                            dtype=torch.uint8))
             return
-        self.register_buffer("qweight", pack_bits(codes, grid.bits))
+        self.register_buffer("qweight", self.packed_codes(codes)["qweight"])
         self.register_buffer("scales", scale.to(SCALE_DTYPE).reshape(out_features, groups))
         if zero_format == "fp16":
             # The caller chose its codes for the float16-rounded zero, so storing it loses nothing.
             self.register_buffer("fzeros", zero.to(SCALE_DTYPE).reshape(out_features, groups))
         elif not grid.symmetric:
             self.register_buffer("qzeros", pack_bits(zero.reshape(-1), grid.bits))
+
+    def packed_codes(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored buffers for unpacked codes (out, in): what the constructor and tuning's V steps write."""
+        return {"qweight": pack_bits(codes, self.grid.bits)}
 
     def codes(self) -> torch.Tensor:
         if self.released():

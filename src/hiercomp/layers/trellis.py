@@ -102,8 +102,12 @@ class TrellisLinear(CompressedLinear):
             self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
             return
-        self.register_buffer("bitstream", pack_bits(paths_to_bits(paths, state_bits, bits), 1))
+        self.register_buffer("bitstream", self.packed_codes(paths)["bitstream"])
         self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(out_features).clone())
+
+    def packed_codes(self, paths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored bit stream for the states of every step, in the form :meth:`states` gives them."""
+        return {"bitstream": pack_bits(paths_to_bits(paths.long(), self.state_bits, self.bits), 1)}
 
     def sequences(self) -> tuple[int, int]:
         """(how many sequences, the length of each)."""

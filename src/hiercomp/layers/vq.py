@@ -244,12 +244,16 @@ class E8Linear(CompressedLinear):
                 raise ValueError(f"E8 stage bits must be in {STAGE_BITS}, got {b}")
         self.vectors = -(-in_features // DIM)
         count = out_features * self.vectors
-        for s, b in enumerate(self.stage_bits):
-            packed = (torch.empty(packed_nbytes(count, b), dtype=torch.uint8) if codes is None
-                      else _pack_wide(codes[s], b))
-            self.register_buffer(f"codes{s}", packed)
+        packed = ({f"codes{s}": torch.empty(packed_nbytes(count, b), dtype=torch.uint8)
+                   for s, b in enumerate(self.stage_bits)} if codes is None else self.packed_codes(codes))
+        for name, buffer in packed.items():
+            self.register_buffer(name, buffer)
         self.register_buffer("scales", torch.empty(out_features, len(self.stage_bits), dtype=SCALE_DTYPE)
                              if scales is None else scales.to(SCALE_DTYPE).reshape(out_features, -1).clone())
+
+    def packed_codes(self, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The stored buffers for one (out, vectors) code tensor per stage."""
+        return {f"codes{s}": _pack_wide(c, b) for s, (c, b) in enumerate(zip(codes, self.stage_bits))}
 
     def codes(self) -> list[torch.Tensor]:
         count = self.out_features * self.vectors
