@@ -67,6 +67,8 @@ def test_a_v_step_moves_the_units_that_gain_most_toward_the_target(method, param
     ("gptq", {"bits": 2, "group_size": 32, "rotate": True}),
     ("quip", {"bits": 2.0}),
     ("rot_trellis", {"bits": 2, "state_bits": 8}),
+    ("quip", {"bits": 2.5, "row_scales": False}),  # one scale per stage for the whole layer
+    ("rot_trellis", {"bits": 2, "state_bits": 8, "row_scales": False}),
 ])
 def test_tuning_with_v_steps_re_chooses_codes_and_reloads_bit_exactly(tmp_path, method, params):
     loaded = tiny_llama()

@@ -9,9 +9,9 @@ Gaussian quantile of a hashed uniform, Φ⁻¹((h(s) + ½) / 2^32), an iid-Gauss
 random-Gaussian one (the rows should be Gaussian-like: use it under incoherence processing).
 
 Stored, exactly: per sequence, the L − k low bits of the state before the first weight and k bits per weight
-(one bit stream), and one float16 scale per row. A sequence is a row (out · (L − k + in · k) bits), or, with
-``by_columns`` (what the Hessian sweep of :mod:`hiercomp.methods.trellis` encodes, one column at a time), a
-column (in · (L − k + out · k) bits).
+(one bit stream), and one float16 scale per row (or one for the whole layer, ``row_scales=False``). A sequence
+is a row (out · (L − k + in · k) bits), or, with ``by_columns`` (what the Hessian sweep of
+:mod:`hiercomp.methods.trellis` encodes, one column at a time), a column (in · (L − k + out · k) bits).
 """
 
 from __future__ import annotations
@@ -90,20 +90,22 @@ class TrellisLinear(CompressedLinear):
 
     def __init__(self, bits: int, state_bits: int, paths: torch.Tensor | None, scales: torch.Tensor | None,
                  bias: torch.Tensor | None, origin: str = "linear", shape: tuple[int, int] | None = None,
-                 by_columns: bool = False) -> None:
+                 by_columns: bool = False, row_scales: bool = True) -> None:
         """``paths``: the state of every step of every sequence, (out, in), or (in, out) ``by_columns``."""
         out_features, in_features = shape
         super().__init__(in_features, out_features, bias, origin)
         if not 1 <= bits < state_bits <= 20:
             raise ValueError(f"trellis needs 1 <= bits < state_bits <= 20, got bits={bits}, state_bits={state_bits}")
         self.bits, self.state_bits, self.by_columns = bits, state_bits, bool(by_columns)
+        self.row_scales = bool(row_scales)
+        scale_rows = out_features if self.row_scales else 1
         count = self.sequences()[0] * self.sequence_bits()
         if paths is None:
             self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
+            self.register_buffer("scales", torch.empty(scale_rows, dtype=SCALE_DTYPE))
             return
         self.register_buffer("bitstream", self.packed_codes(paths)["bitstream"])
-        self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(out_features).clone())
+        self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(scale_rows).clone())
 
     def packed_codes(self, paths: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored bit stream for the states of every step, in the form :meth:`states` gives them."""
@@ -128,16 +130,19 @@ class TrellisLinear(CompressedLinear):
         return self.scales.float().unsqueeze(1) * (values.t() if self.by_columns else values)
 
     def weight_storage_bits(self) -> dict[str, int]:
-        return {"bitstream": self.sequences()[0] * self.sequence_bits(), "scales": self.out_features * SCALE_BITS}
+        return {"bitstream": self.sequences()[0] * self.sequence_bits(), "scales": self.scales.numel() * SCALE_BITS}
 
     def layer_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"bits": self.bits, "state_bits": self.state_bits}
         if self.by_columns:  # absent in folders saved before the Hessian sweep: rows
             config["by_columns"] = True
+        if not self.row_scales:  # absent (per-row scales) in folders saved before the option
+            config["row_scales"] = False
         return config
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> TrellisLinear:
         bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
         return cls(config["bits"], config["state_bits"], None, None, bias, config["origin"],
-                   shape=(config["out_features"], config["in_features"]), by_columns=config.get("by_columns", False))
+                   shape=(config["out_features"], config["in_features"]), by_columns=config.get("by_columns", False),
+                   row_scales=config.get("row_scales", True))

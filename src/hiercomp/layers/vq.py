@@ -8,10 +8,12 @@ grids (QuIP#'s E8P codebook, 2^16 points at 2 bits per weight, is a lattice code
 
 A layer has one or more residual stages: stage 1 quantizes the weight, stage s the error left by the
 stages before it. Stage bits per 8 weights: 16 (2 bpw) or 8 (1 bpw) or 4 (0.5 bpw), so 2 / 2.5 / 3 / 4 bpw
-are [16], [16, 4], [16, 8], [16, 16]. Each stage has one float16 scale per output row.
+are [16], [16, 4], [16, 8], [16, 16]. Each stage has one float16 scale per output row, or one for the whole
+layer (``row_scales=False``).
 
 Stored, exactly: codes (out · ⌈in/8⌉ · b bits per stage; an input width that is not a multiple of 8 is
-padded with zero columns, whose codes are stored and counted) and the scales (out · stages · 16 bits).
+padded with zero columns, whose codes are stored and counted) and the scales (out · stages · 16 bits, or
+stages · 16).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def stages_for_bits(bits: float) -> tuple[int, ...]:
 
 
 def decode(codes: list[torch.Tensor], scales: torch.Tensor, stage_bits: tuple[int, ...]) -> torch.Tensor:
-    """Σ_s scale_s · codebook_s[codes_s] for codes (rows, vectors) and float16 scales (rows, stages):
+    """Σ_s scale_s · codebook_s[codes_s] for codes (rows, vectors) and float16 scales (rows or 1, stages):
     (rows, vectors · 8) float32. The one formula used by the fit and by ``dequantize``."""
     rows, vectors = codes[0].shape
     out = torch.zeros(rows, vectors * DIM)
@@ -234,11 +236,15 @@ class E8Linear(CompressedLinear):
         bias: torch.Tensor | None,
         origin: str = "linear",
         shape: tuple[int, int] | None = None,
+        row_scales: bool = True,
     ) -> None:
-        """``codes``: one (out, ⌈in/8⌉) integer tensor per stage; ``scales`` (out, stages); ``shape`` (out, in)."""
+        """``codes``: one (out, ⌈in/8⌉) integer tensor per stage; ``scales`` (out, stages), or (1, stages)
+        without ``row_scales``; ``shape`` (out, in)."""
         out_features, in_features = shape
         super().__init__(in_features, out_features, bias, origin)
         self.stage_bits = tuple(int(b) for b in stage_bits)
+        self.row_scales = bool(row_scales)
+        scale_rows = out_features if self.row_scales else 1
         for b in self.stage_bits:
             if b not in STAGE_BITS:
                 raise ValueError(f"E8 stage bits must be in {STAGE_BITS}, got {b}")
@@ -248,8 +254,8 @@ class E8Linear(CompressedLinear):
                    for s, b in enumerate(self.stage_bits)} if codes is None else self.packed_codes(codes))
         for name, buffer in packed.items():
             self.register_buffer(name, buffer)
-        self.register_buffer("scales", torch.empty(out_features, len(self.stage_bits), dtype=SCALE_DTYPE)
-                             if scales is None else scales.to(SCALE_DTYPE).reshape(out_features, -1).clone())
+        self.register_buffer("scales", torch.empty(scale_rows, len(self.stage_bits), dtype=SCALE_DTYPE)
+                             if scales is None else scales.to(SCALE_DTYPE).reshape(scale_rows, -1).clone())
 
     def packed_codes(self, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored buffers for one (out, vectors) code tensor per stage."""
@@ -266,14 +272,17 @@ class E8Linear(CompressedLinear):
     def weight_storage_bits(self) -> dict[str, int]:
         count = self.out_features * self.vectors
         bits = {f"codes{s}": count * b for s, b in enumerate(self.stage_bits)}
-        bits["scales"] = self.out_features * len(self.stage_bits) * SCALE_BITS
+        bits["scales"] = self.scales.numel() * SCALE_BITS
         return bits
 
     def layer_config(self) -> dict[str, Any]:
-        return {"stage_bits": list(self.stage_bits)}
+        config: dict[str, Any] = {"stage_bits": list(self.stage_bits)}
+        if not self.row_scales:  # absent (per-row scales) in every folder saved before the option
+            config["row_scales"] = False
+        return config
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> E8Linear:
         bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
         return cls(tuple(config["stage_bits"]), None, None, bias, config["origin"],
-                   shape=(config["out_features"], config["in_features"]))
+                   shape=(config["out_features"], config["in_features"]), row_scales=config.get("row_scales", True))

@@ -14,6 +14,10 @@ Viterbi search runs once per column, a sequence of ``out`` steps, and each step 
 medium layers on a CPU (the 8 real layers of frontier.md's section 1, up to 1536 x 384: 13 s each at L = 12;
 stories260K whole: 14 s at L = 12, 87 s at L = 16). The rows should be Gaussian-like: use it under rotation,
 ``rot_trellis``.
+
+``row_scales=False`` keeps one scale for the whole layer (the RMS of all its rows), as for the E8 codebook
+(:mod:`hiercomp.methods.vq`): under a rotation of both sides the rows' RMS differ little, and a per-row float16
+costs 0.25 bpw on a 64-wide row.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hiercomp.methods.hessian import (
     layer_hessian,
     zero_dead_inputs,
 )
+from hiercomp.methods.vq import row_rms
 from hiercomp.quant.grid import SCALE_DTYPE
 
 ROW_SCALE = 1.05  # codebook scale / row RMS, MSE-optimal on Gaussian rows (measured at L = 12 and 16, k = 2)
@@ -47,6 +52,7 @@ class Trellis(Method):
     ldlq: bool = True
     damp: float = 0.01
     block_size: int = 128
+    row_scales: bool = True  # False: one scale for the whole layer
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 4:
@@ -67,15 +73,15 @@ class Trellis(Method):
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, layer: str, origin: str
     ) -> CompressedLinear:
         w = weight.float()
-        rms = w.pow(2).mean(dim=1).sqrt()
-        scale = (torch.where(rms > 0, rms, torch.ones_like(rms)) * ROW_SCALE).to(SCALE_DTYPE)
+        scale = (row_rms(w, self.row_scales) * ROW_SCALE).to(SCALE_DTYPE)
         scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
         if self.ldlq and stats is not None and stats.hessian is not None:
             paths = self._sweep(w, scale, layer_hessian(stats, weight, self.name, layer), layer)
             return TrellisLinear(self.bits, self.state_bits, paths, scale, bias, origin, shape=tuple(w.shape),
-                                 by_columns=True)
+                                 by_columns=True, row_scales=self.row_scales)
         paths = viterbi(w / scale.unsqueeze(1), self.state_bits, self.bits)
-        return TrellisLinear(self.bits, self.state_bits, paths, scale, bias, origin, shape=tuple(w.shape))
+        return TrellisLinear(self.bits, self.state_bits, paths, scale, bias, origin, shape=tuple(w.shape),
+                             row_scales=self.row_scales)
 
     def _sweep(self, w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, layer: str) -> torch.Tensor:
         """The state paths (in, out) of the Hessian sweep, one column at a time from its current values."""
