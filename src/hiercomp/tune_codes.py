@@ -54,11 +54,11 @@ def _e8_padded(core: E8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _e8_encode(core: E8Linear, target: torch.Tensor) -> list[torch.Tensor]:
-    return encode_vectors(_e8_padded(core, target), core.scales.float(), core.stage_bits)
+    return encode_vectors(_e8_padded(core, target), core.scale_values(), core.stage_bits)
 
 
 def _trellis_encode(core: TrellisLinear, target: torch.Tensor) -> torch.Tensor:
-    normalized = target / core.scales.float().unsqueeze(1)
+    normalized = target / core.scale_values().unsqueeze(1)
     return viterbi(normalized.t() if core.by_columns else normalized, core.state_bits, core.bits)
 
 

@@ -69,6 +69,8 @@ def test_a_v_step_moves_the_units_that_gain_most_toward_the_target(method, param
     ("rot_trellis", {"bits": 2, "state_bits": 8}),
     ("quip", {"bits": 2.5, "row_scales": False}),  # one scale per stage for the whole layer
     ("rot_trellis", {"bits": 2, "state_bits": 8, "row_scales": False}),
+    ("quip", {"bits": 3.0, "scale_bits": 8}),  # float8 ratios to a float16 base per stage
+    ("rot_trellis", {"bits": 2, "state_bits": 8, "scale_bits": 8}),
 ])
 def test_tuning_with_v_steps_re_chooses_codes_and_reloads_bit_exactly(tmp_path, method, params):
     loaded = tiny_llama()

@@ -213,7 +213,7 @@ def _first_line(err: BaseException) -> str:
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def read_tensors(weights: Path, mapped: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:

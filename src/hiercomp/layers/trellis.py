@@ -9,7 +9,8 @@ Gaussian quantile of a hashed uniform, Φ⁻¹((h(s) + ½) / 2^32), an iid-Gauss
 random-Gaussian one (the rows should be Gaussian-like: use it under incoherence processing).
 
 Stored, exactly: per sequence, the L − k low bits of the state before the first weight and k bits per weight
-(one bit stream), and one float16 scale per row (or one for the whole layer, ``row_scales=False``). A sequence
+(one bit stream), and one float16 scale per row (or one for the whole layer, ``row_scales=False``; or 8-bit
+ones, ``scale_bits=8``: :mod:`hiercomp.quant.stored_scales`). A sequence
 is a row (out · (L − k + in · k) bits), or, with ``by_columns`` (what the Hessian sweep of
 :mod:`hiercomp.methods.trellis` encodes, one column at a time), a column (in · (L − k + out · k) bits).
 """
@@ -23,7 +24,9 @@ import torch
 
 from hiercomp.layers.base import CompressedLinear, register_layer
 from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
-from hiercomp.quant.grid import SCALE_BITS, SCALE_DTYPE
+from hiercomp.quant import stored_scales
+from hiercomp.quant.grid import SCALE_BITS
+from hiercomp.quant.stored_scales import check_scale_bits
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,22 +93,26 @@ class TrellisLinear(CompressedLinear):
 
     def __init__(self, bits: int, state_bits: int, paths: torch.Tensor | None, scales: torch.Tensor | None,
                  bias: torch.Tensor | None, origin: str = "linear", shape: tuple[int, int] | None = None,
-                 by_columns: bool = False, row_scales: bool = True) -> None:
+                 by_columns: bool = False, row_scales: bool = True, scale_bits: int = 16) -> None:
         """``paths``: the state of every step of every sequence, (out, in), or (in, out) ``by_columns``."""
         out_features, in_features = shape
         super().__init__(in_features, out_features, bias, origin)
         if not 1 <= bits < state_bits <= 20:
             raise ValueError(f"trellis needs 1 <= bits < state_bits <= 20, got bits={bits}, state_bits={state_bits}")
         self.bits, self.state_bits, self.by_columns = bits, state_bits, bool(by_columns)
-        self.row_scales = bool(row_scales)
+        self.row_scales, self.scale_bits = bool(row_scales), int(scale_bits)
+        check_scale_bits(self.scale_bits, self.row_scales)
         scale_rows = out_features if self.row_scales else 1
         count = self.sequences()[0] * self.sequence_bits()
         if paths is None:
             self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(scale_rows, dtype=SCALE_DTYPE))
-            return
-        self.register_buffer("bitstream", self.packed_codes(paths)["bitstream"])
-        self.register_buffer("scales", scales.to(SCALE_DTYPE).reshape(scale_rows).clone())
+            stored = stored_scales.empty_buffers(scale_rows, 1, self.scale_bits)
+        else:
+            self.register_buffer("bitstream", self.packed_codes(paths)["bitstream"])
+            stored = stored_scales.split(scales.float().reshape(scale_rows, 1), self.scale_bits)
+        self.register_buffer("scales", stored["scales"].reshape(scale_rows).clone())
+        if "scale_base" in stored:
+            self.register_buffer("scale_base", stored["scale_base"].clone())
 
     def packed_codes(self, paths: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored bit stream for the states of every step, in the form :meth:`states` gives them."""
@@ -127,10 +134,18 @@ class TrellisLinear(CompressedLinear):
     def dequantize(self) -> torch.Tensor:
         # .long(): tuning caches the states in the smallest integer dtype, and a uint8 index would be read as a mask
         values = trellis_codebook(self.state_bits)[self.states().long()]
-        return self.scales.float().unsqueeze(1) * (values.t() if self.by_columns else values)
+        return self.scale_values().unsqueeze(1) * (values.t() if self.by_columns else values)
+
+    def scale_values(self) -> torch.Tensor:
+        """The float32 scales (out or 1,) the layer computes with."""
+        return stored_scales.joined(self.scales, getattr(self, "scale_base", None))
 
     def weight_storage_bits(self) -> dict[str, int]:
-        return {"bitstream": self.sequences()[0] * self.sequence_bits(), "scales": self.scales.numel() * SCALE_BITS}
+        bits = {"bitstream": self.sequences()[0] * self.sequence_bits(),
+                "scales": self.scales.numel() * self.scale_bits}
+        if self.scale_bits != SCALE_BITS:
+            bits["scale_base"] = SCALE_BITS
+        return bits
 
     def layer_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"bits": self.bits, "state_bits": self.state_bits}
@@ -138,6 +153,8 @@ class TrellisLinear(CompressedLinear):
             config["by_columns"] = True
         if not self.row_scales:  # absent (per-row scales) in folders saved before the option
             config["row_scales"] = False
+        if self.scale_bits != SCALE_BITS:  # absent (float16) in folders saved before the option
+            config["scale_bits"] = self.scale_bits
         return config
 
     @classmethod
@@ -145,4 +162,4 @@ class TrellisLinear(CompressedLinear):
         bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
         return cls(config["bits"], config["state_bits"], None, None, bias, config["origin"],
                    shape=(config["out_features"], config["in_features"]), by_columns=config.get("by_columns", False),
-                   row_scales=config.get("row_scales", True))
+                   row_scales=config.get("row_scales", True), scale_bits=config.get("scale_bits", SCALE_BITS))

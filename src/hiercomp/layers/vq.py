@@ -9,11 +9,12 @@ grids (QuIP#'s E8P codebook, 2^16 points at 2 bits per weight, is a lattice code
 A layer has one or more residual stages: stage 1 quantizes the weight, stage s the error left by the
 stages before it. Stage bits per 8 weights: 16 (2 bpw) or 8 (1 bpw) or 4 (0.5 bpw), so 2 / 2.5 / 3 / 4 bpw
 are [16], [16, 4], [16, 8], [16, 16]. Each stage has one float16 scale per output row, or one for the whole
-layer (``row_scales=False``).
+layer (``row_scales=False``); per-row scales may be stored in 8 bits (``scale_bits=8``,
+:mod:`hiercomp.quant.stored_scales`).
 
 Stored, exactly: codes (out · ⌈in/8⌉ · b bits per stage; an input width that is not a multiple of 8 is
-padded with zero columns, whose codes are stored and counted) and the scales (out · stages · 16 bits, or
-stages · 16).
+padded with zero columns, whose codes are stored and counted) and the scales (out · stages · 16 bits; in 8 bits
+out · stages · 8 + stages · 16; one per layer: stages · 16).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 
 from hiercomp.layers.base import CompressedLinear, register_layer
 from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
-from hiercomp.quant.grid import SCALE_BITS, SCALE_DTYPE
+from hiercomp.quant import stored_scales
+from hiercomp.quant.grid import SCALE_BITS
+from hiercomp.quant.stored_scales import check_scale_bits
 
 DIM = 8
 STAGE_BITS = (4, 8, 12, 16)
@@ -194,7 +197,7 @@ def stages_for_bits(bits: float) -> tuple[int, ...]:
 
 
 def decode(codes: list[torch.Tensor], scales: torch.Tensor, stage_bits: tuple[int, ...]) -> torch.Tensor:
-    """Σ_s scale_s · codebook_s[codes_s] for codes (rows, vectors) and float16 scales (rows or 1, stages):
+    """Σ_s scale_s · codebook_s[codes_s] for codes (rows, vectors) and float scales (rows or 1, stages):
     (rows, vectors · 8) float32. The one formula used by the fit and by ``dequantize``."""
     rows, vectors = codes[0].shape
     out = torch.zeros(rows, vectors * DIM)
@@ -237,13 +240,16 @@ class E8Linear(CompressedLinear):
         origin: str = "linear",
         shape: tuple[int, int] | None = None,
         row_scales: bool = True,
+        scale_bits: int = 16,
     ) -> None:
         """``codes``: one (out, ⌈in/8⌉) integer tensor per stage; ``scales`` (out, stages), or (1, stages)
-        without ``row_scales``; ``shape`` (out, in)."""
+        without ``row_scales``, float, representable in ``scale_bits`` (:mod:`hiercomp.quant.stored_scales`);
+        ``shape`` (out, in)."""
         out_features, in_features = shape
         super().__init__(in_features, out_features, bias, origin)
         self.stage_bits = tuple(int(b) for b in stage_bits)
-        self.row_scales = bool(row_scales)
+        self.row_scales, self.scale_bits = bool(row_scales), int(scale_bits)
+        check_scale_bits(self.scale_bits, self.row_scales)
         scale_rows = out_features if self.row_scales else 1
         for b in self.stage_bits:
             if b not in STAGE_BITS:
@@ -254,8 +260,10 @@ class E8Linear(CompressedLinear):
                    for s, b in enumerate(self.stage_bits)} if codes is None else self.packed_codes(codes))
         for name, buffer in packed.items():
             self.register_buffer(name, buffer)
-        self.register_buffer("scales", torch.empty(scale_rows, len(self.stage_bits), dtype=SCALE_DTYPE)
-                             if scales is None else scales.to(SCALE_DTYPE).reshape(scale_rows, -1).clone())
+        stored = (stored_scales.empty_buffers(scale_rows, len(self.stage_bits), self.scale_bits) if scales is None
+                  else stored_scales.split(scales.float().reshape(scale_rows, -1), self.scale_bits))
+        for name, buffer in stored.items():
+            self.register_buffer(name, buffer.clone())
 
     def packed_codes(self, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored buffers for one (out, vectors) code tensor per stage."""
@@ -266,23 +274,32 @@ class E8Linear(CompressedLinear):
         return [_unpack_wide(getattr(self, f"codes{s}"), b, count).view(self.out_features, self.vectors)
                 for s, b in enumerate(self.stage_bits)]
 
+    def scale_values(self) -> torch.Tensor:
+        """The float32 scales (out or 1, stages) the layer computes with."""
+        return stored_scales.joined(self.scales, getattr(self, "scale_base", None))
+
     def dequantize(self) -> torch.Tensor:
-        return decode(self.codes(), self.scales, self.stage_bits)[:, : self.in_features]
+        return decode(self.codes(), self.scale_values(), self.stage_bits)[:, : self.in_features]
 
     def weight_storage_bits(self) -> dict[str, int]:
         count = self.out_features * self.vectors
         bits = {f"codes{s}": count * b for s, b in enumerate(self.stage_bits)}
-        bits["scales"] = self.scales.numel() * SCALE_BITS
+        bits["scales"] = self.scales.numel() * self.scale_bits
+        if self.scale_bits != SCALE_BITS:
+            bits["scale_base"] = self.scale_base.numel() * SCALE_BITS
         return bits
 
     def layer_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"stage_bits": list(self.stage_bits)}
         if not self.row_scales:  # absent (per-row scales) in every folder saved before the option
             config["row_scales"] = False
+        if self.scale_bits != SCALE_BITS:  # absent (float16) in folders saved before the option
+            config["scale_bits"] = self.scale_bits
         return config
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> E8Linear:
         bias = None if bias_dtype is None else torch.empty(config["out_features"], dtype=bias_dtype)
         return cls(tuple(config["stage_bits"]), None, None, bias, config["origin"],
-                   shape=(config["out_features"], config["in_features"]), row_scales=config.get("row_scales", True))
+                   shape=(config["out_features"], config["in_features"]), row_scales=config.get("row_scales", True),
+                   scale_bits=config.get("scale_bits", SCALE_BITS))

@@ -37,7 +37,9 @@ from hiercomp.methods.hessian import (
     zero_dead_inputs,
 )
 from hiercomp.methods.vq import row_rms
+from hiercomp.quant import stored_scales
 from hiercomp.quant.grid import SCALE_DTYPE
+from hiercomp.quant.stored_scales import check_scale_bits
 
 ROW_SCALE = 1.05  # codebook scale / row RMS, MSE-optimal on Gaussian rows (measured at L = 12 and 16, k = 2)
 
@@ -53,6 +55,7 @@ class Trellis(Method):
     damp: float = 0.01
     block_size: int = 128
     row_scales: bool = True  # False: one scale for the whole layer
+    scale_bits: int = 16  # 8: per-row scales as float8 ratios to a per-layer base (hiercomp.quant.stored_scales)
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 4:
@@ -60,6 +63,7 @@ class Trellis(Method):
         if not self.bits < self.state_bits <= 18:
             raise ValueError(f"state_bits must be above bits and at most 18, got {self.state_bits}")
         check_obs_params(self.damp, self.block_size)
+        check_scale_bits(self.scale_bits, self.row_scales)
 
     @property
     def needs_hessian(self) -> bool:  # type: ignore[override]
@@ -75,13 +79,14 @@ class Trellis(Method):
         w = weight.float()
         scale = (row_rms(w, self.row_scales) * ROW_SCALE).to(SCALE_DTYPE)
         scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
-        if self.ldlq and stats is not None and stats.hessian is not None:
+        scale = stored_scales.representable(scale.unsqueeze(1), self.scale_bits).squeeze(1)
+        by_columns = self.ldlq and stats is not None and stats.hessian is not None
+        if by_columns:
             paths = self._sweep(w, scale, layer_hessian(stats, weight, self.name, layer), layer)
-            return TrellisLinear(self.bits, self.state_bits, paths, scale, bias, origin, shape=tuple(w.shape),
-                                 by_columns=True, row_scales=self.row_scales)
-        paths = viterbi(w / scale.unsqueeze(1), self.state_bits, self.bits)
+        else:
+            paths = viterbi(w / scale.unsqueeze(1), self.state_bits, self.bits)
         return TrellisLinear(self.bits, self.state_bits, paths, scale, bias, origin, shape=tuple(w.shape),
-                             row_scales=self.row_scales)
+                             by_columns=by_columns, row_scales=self.row_scales, scale_bits=self.scale_bits)
 
     def _sweep(self, w: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, layer: str) -> torch.Tensor:
         """The state paths (in, out) of the Hessian sweep, one column at a time from its current values."""

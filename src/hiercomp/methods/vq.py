@@ -17,7 +17,8 @@ so it suits Gaussian-like rows: use it under incoherence processing (``quip`` = 
 ``row_scales=False`` keeps one scale per stage for the whole layer, the RMS of all its rows, as QuIP# does:
 after a rotation of both sides every row is a random mix of all of them, so their RMS differ little, and the
 per-row scales' 16 bits per row and stage (0.056 bpw per stage on a 576-wide row, 0.25 on a 64-wide one) buy
-little.
+little. ``scale_bits=8`` keeps them per row but stores each in 8 bits (:mod:`hiercomp.quant.stored_scales`),
+half the cost, at almost no loss.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from hiercomp.methods.hessian import (
     layer_hessian,
     zero_dead_inputs,
 )
+from hiercomp.quant import stored_scales
 from hiercomp.quant.grid import SCALE_DTYPE
+from hiercomp.quant.stored_scales import check_scale_bits
 
 RESIDUAL_SCALE = {16: 1.0, 8: 1.6, 4: 1.1}  # residual-stage scale / residual RMS, fitted on Gaussian residuals
 
@@ -47,15 +50,17 @@ def row_rms(x: torch.Tensor, per_row: bool = True) -> torch.Tensor:
     return torch.where(rms > 0, rms, torch.ones_like(rms))
 
 
-def fit_scales(weight: torch.Tensor, stage_bits: tuple[int, ...], per_row: bool = True) -> torch.Tensor:
-    """float16-representable scales (rows, stages), or (1, stages) for the whole layer, for a padded weight
-    (rows, 8·vectors)."""
+def fit_scales(weight: torch.Tensor, stage_bits: tuple[int, ...], per_row: bool = True, scale_bits: int = 16
+               ) -> torch.Tensor:
+    """Scales (rows, stages), or (1, stages) for the whole layer, for a padded weight (rows, 8·vectors), each
+    exactly as ``scale_bits`` stores it (:mod:`hiercomp.quant.stored_scales`)."""
     scales = torch.empty(weight.shape[0] if per_row else 1, len(stage_bits))
     residual = weight.float()
     for s, bits in enumerate(stage_bits):
         factor = 1.0 if s == 0 else RESIDUAL_SCALE[bits]
         scale = (row_rms(residual, per_row) * factor).to(SCALE_DTYPE)
         scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
+        scale = stored_scales.representable(scale.unsqueeze(1), scale_bits).squeeze(1)
         scales[:, s] = scale
         if s + 1 < len(stage_bits):
             codes = encode_stage((residual / scale.unsqueeze(1)).reshape(-1, DIM), bits)
@@ -79,13 +84,13 @@ def encode_vectors(block: torch.Tensor, scales: torch.Tensor, stage_bits: tuple[
 
 def e8_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, stage_bits: tuple[int, ...], *,
                 damp: float = 0.01, block_size: int = 128, method: str = "e8", layer: str = "?",
-                row_scales: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+                row_scales: bool = True, scale_bits: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Codes per stage (out, ⌈in/8⌉) and scales (out, stages), or (1, stages) without ``row_scales``, for
     ``weight`` (out, in)."""
     out_features, in_features = weight.shape
     pad = (-in_features) % DIM
     w = torch.nn.functional.pad(weight.float(), (0, pad))
-    scales = fit_scales(w, stage_bits, row_scales)
+    scales = fit_scales(w, stage_bits, row_scales, scale_bits)
     if hessian is None:
         return encode_vectors(w, scales, stage_bits), scales
     h = torch.nn.functional.pad(hessian.float(), (0, pad, 0, pad))  # padded inputs are dead: zero_dead_inputs
@@ -120,9 +125,11 @@ class E8(Method):
     damp: float = 0.01
     block_size: int = 128
     row_scales: bool = True  # False: one scale per stage for the whole layer (see the module docstring)
+    scale_bits: int = 16  # 8: per-row scales as float8 ratios to a per-stage base (hiercomp.quant.stored_scales)
 
     def __post_init__(self) -> None:
         stages_for_bits(self.bits)  # validates bits
+        check_scale_bits(self.scale_bits, self.row_scales)
         check_obs_params(self.damp, self.block_size)
         if self.block_size % DIM:
             raise ValueError(f"block_size must be a multiple of {DIM} (whole vectors), got {self.block_size}")
@@ -135,6 +142,7 @@ class E8(Method):
         if self.ldlq and stats is not None and stats.hessian is not None:
             hessian = layer_hessian(stats, weight, self.name, layer)
         codes, scales = e8_quantize(weight, hessian, stage_bits, damp=self.damp, block_size=self.block_size,
-                                    method=self.name, layer=layer, row_scales=self.row_scales)
+                                    method=self.name, layer=layer, row_scales=self.row_scales,
+                                    scale_bits=self.scale_bits)
         return E8Linear(stage_bits, codes, scales, bias, origin, shape=tuple(weight.shape),
-                        row_scales=self.row_scales)
+                        row_scales=self.row_scales, scale_bits=self.scale_bits)
