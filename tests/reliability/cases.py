@@ -589,6 +589,11 @@ CASES: list[Case] = [
     Case("param: --group-size -5", _method("--method", "rtn", "--group-size", "-5"), "positive"),
     Case("param: --param without =", _method("--method", "rtn", "--param", "bits"), "key=value"),
     Case("param: no method at all", _method(), "say what to do"),
+    Case("param: quip scale_bits=4", _method("--method", "quip", "--bits", "3", "--param", "scale_bits=4"),
+         "must be 16 or 8"),
+    Case("param: quip scale_bits=8 with row_scales=false",
+         _method("--method", "quip", "--bits", "3", "--param", "scale_bits=8", "--param", "row_scales=false"),
+         "leave scale_bits at 16"),
     # -- recipes and plans
     Case("recipe: bits: 4.5", _recipe("rules:\n  - method: rtn\n    bits: 4.5\n"), "bits must be an integer"),
     Case("recipe: group_size: \"32\"", _recipe("rules:\n  - method: rtn\n    group_size: '32'\n"),
