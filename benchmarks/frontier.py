@@ -79,7 +79,9 @@ RD_TRELLIS_GAUSS = [("trellis L=12", "trellis", {"bits": 2, "state_bits": 12}),
                     ("trellis L=16", "trellis", {"bits": 2, "state_bits": 16}),
                     ("trellis L=12", "trellis", {"bits": 3, "state_bits": 12})]
 # On the real layers, with their Hessians: each column Viterbi-encoded inside GPTQ's sweep (methods/trellis.py).
-RD_TRELLIS_REAL = [("rot_trellis L=12", "rot_trellis", {"bits": b, "state_bits": 12}) for b in (2, 3)]
+RD_TRELLIS_REAL = ([("rot_trellis L=12", "rot_trellis", {"bits": b, "state_bits": 12}) for b in (2, 3)]
+                   + [("rot_trellis L=12, 8-bit scales", "rot_trellis", {"bits": b, "state_bits": 12, "scale_bits": 8})
+                      for b in (2, 3)])
 
 # The budget search over the new and the scalar levels together (issue 16, point 5): hiercomp.compress(budget=...,
 # levels=SEARCH_LEVELS, search="evo"), with an evolutionary search small enough for stories260K on a shared 2-core
@@ -1114,9 +1116,9 @@ def task_lines(rows: list[dict], model_rows: list[dict]) -> list[str]:
 
 READING: list[str] = [
     "## Reading: the search rows, MiniLM, and the task accuracy", "",
-    "- **Issue 16's goal against llm-compressor on stories260K: met in 4 of 7 comparisons: every 2-bit one, and the "
-    "symmetric 3-bit one once both tools calibrate on 256 windows; not against its asymmetric 3-bit grid (0.54x at "
-    "best).** Its GPTQ ran in the same script on the same windows (down_proj's 172 columns get one scale per row "
+    "- **Issue 16's goal against llm-compressor on stories260K: met in 4 of 7 comparisons: every 2-bit one, and the"
+    " symmetric 3-bit one once both tools calibrate on 256 windows; not against its asymmetric 3-bit grid (0.54x at"
+    " best).** Its GPTQ ran in the same script on the same windows (down_proj's 172 columns get one scale per row "
     "there, counted in its bpw); hiercomp's row must be at no more bits than its and at no more than 3 bpw. At 2 "
     "bits, quip bits=2.0 tuned (2.233 bpw, mean KL 1.453) is 0.33x its KL at 2.238 bpw, and rot_trellis bits=2 "
     "tuned (2.344 bpw, 1.126) 0.25-0.29x at 2.40-2.45 bpw; both write coherent greedy continuations (section 2) "
@@ -1132,14 +1134,15 @@ READING: list[str] = [
     "trellis is then 0.460 at 3.229 bpw, quip bits=3.0 0.667 at 3.244 (0.677 at 3.451 in float16), and the "
     "256-window search over those levels reaches 0.451 untuned and **0.380 tuned (0.41x the symmetric row, 0.54x "
     "the asymmetric one: still short of 0.5x)**. Tried for the rest, not kept: a 16-bit trellis state in that "
-    "search (0.400 untuned, 0.378 tuned), 1024 tuning steps instead of 512 (0.383), a 4-bit trellis level "
-    "(the search did not pick it: the same plan, 0.380), and QTIP's tail-biting trellis, which stores no start "
-    "state (0.11 bpw less on this model, but the uniform 3-bit row's KL rose from 0.493 to 0.533 at 3.222 bpw, "
-    "about what the 0.11 bpw buy; with 64-step columns the fixed start costs as much as it saves). Chaining the "
-    "columns into one path (one start state per layer) was tried earlier: it raised the output error by a third "
-    "(0.041 → 0.055 on a test layer). One scale per layer instead of per row (`row_scales=False`) is a loss on "
-    "this model: quip bits=3.0 KL 1.43 at 3.032 bpw, rot_trellis bits=3 0.663 at 3.123 (its rows keep unequal "
-    "norms after the rotation).",
+    "search (0.400 untuned, 0.378 tuned), 1024 tuning steps instead of 512 (0.383), EvoPress's own search size (60 "
+    "generations of 16 offspring: the same plan, whose greedy start stays the best it scores), a 4-bit trellis "
+    "level (the search did not pick it: the same plan, 0.380), and QTIP's tail-biting trellis, which stores no "
+    "start state (0.11 bpw less on this model, but the uniform 3-bit row's KL rose from 0.493 to 0.533 at 3.222 "
+    "bpw, about what the 0.11 bpw buy; with 64-step columns the fixed start costs as much as it saves). Chaining "
+    "the columns into one path (one start state per layer) was tried earlier: it raised the output error by a third"
+    " (0.041 → 0.055 on a test layer). One scale per layer instead of per row (`row_scales=False`) is a loss on "
+    "this model: quip bits=3.0 KL 1.43 at 3.032 bpw, rot_trellis bits=3 0.663 at 3.123 (its rows keep unequal norms"
+    " after the rotation).",
     "- **Issue 16's goal on SmolLM2: met in all 6 comparisons, the 2 at 3 bits at no more than 3 bpw.** quip "
     "bits=3.0 with per-row float16 scales is 3.047 bpw (KL 0.439); its two scales per 576-wide row are 0.047 bpw. "
     "With one scale per layer and stage (`row_scales=False`, as QuIP# stores them) it is 3.0002 bpw at KL 0.444: "
@@ -1155,8 +1158,9 @@ READING: list[str] = [
     "values, and its error moves onto the columns after it, as GPTQ moves a rounding error. On the 8 real layers "
     "of section 1 its output error at 2 bits is 0.0263, against 0.0533 for whole rows without the Hessian (the "
     "earlier form), 0.0368 for quip at 2.134 bpw and 0.0858 for rot_gptq; at 3 bits 0.0070 against quip's 0.0116 "
-    "(3.197 vs 3.259 bpw). Its weight MSE is further above the bound (0.572 bit at 2 bits instead of 0.268) "
-    "because, like GPTQ, it minimises the output error instead. On stories260K the uniform 3-bit row's KL is "
+    "(3.197 vs 3.259 bpw). With its row scales in 8 bits the output error is the same (0.0265 and 0.0070) at "
+    "0.06 bpw less (2.144 and 3.137 bpw). Its weight MSE is further above the bound (0.572 bit at 2 bits instead "
+    "of 0.268) because, like GPTQ, it minimises the output error instead. On stories260K the uniform 3-bit row's KL is "
     "0.493; a probe of the whole-row form reached 0.582.",
     "- **Recovery tuning now keeps the best held-out state and decays its step.** Before, 32 constant steps made "
     "SmolLM2's 3-bit rows worse (quip bits=3.0: KL 0.416 / 0.463 → 0.662 / 0.703). With the held-out check the same "
