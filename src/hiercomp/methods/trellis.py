@@ -15,9 +15,10 @@ medium layers on a CPU (the 8 real layers of frontier.md's section 1, up to 1536
 stories260K whole: 14 s at L = 12, 87 s at L = 16). The rows should be Gaussian-like: use it under rotation,
 ``rot_trellis``.
 
-``row_scales=False`` keeps one scale for the whole layer (the RMS of all its rows), as for the E8 codebook
-(:mod:`hiercomp.methods.vq`): under a rotation of both sides the rows' RMS differ little, and a per-row float16
-costs 0.25 bpw on a 64-wide row.
+Scales as for the E8 codebook (:mod:`hiercomp.methods.vq`): ``row_scales=False`` keeps one for the whole
+layer (on stories260K a loss: KL 0.663 against 0.493 at 3 bits), ``scale_bits=8`` stores the per-row ones in 8
+bits (stories260K at 3 bits: KL 0.460 at 3.229 bpw against 0.493 at 3.332; on the real layers of frontier.md the
+same output error at 0.06 bpw less).
 """
 
 from __future__ import annotations
