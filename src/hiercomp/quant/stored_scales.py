@@ -5,7 +5,7 @@ column of scales (a stage), a power of two: 2^⌈log2 max⌉ / 2^8, so every rat
 and rows down to 2^-14 of the largest keep e4m3's full 3-bit mantissa. The ratio is off by at most 1/16 of
 itself, but the codes are chosen under the stored scale, so that is only a slightly different scale, near the
 flat bottom of the error curve: at 3 bits on a 128 x 256 test layer the output error moved by +4.4 % for quip
-(0.062 bpw less) and -0.6 % for rot_trellis (0.031 less; tests/methods/test_frontier.py). What it saves is 8 bits
+(0.062 bpw less) and +0.8 % for rot_trellis (0.031 less; tests/methods/test_frontier.py). What it saves is 8 bits
 per row and stage: 0.125 bpw on a 64-wide row.
 
 Both forms are floating-point buffers, so recovery tuning (:mod:`hiercomp.tune`) trains them as they are
