@@ -1202,14 +1202,15 @@ READING: list[str] = [
     "bits=2.0 alone (0.170 vs 0.516 at more bits: 0.33x). hiercomp's gptq and "
     "llm-compressor's are level on the same grid at 3 and 2.5 bits (1 − cosine 0.102 vs 0.099, 0.310 vs 0.309) "
     "and ours is ahead at 2-bit g128 (0.481 vs 0.516).",
-    "- **ARC-Easy / PIQA (SmolLM2, 100 questions each, ±0.10 at 95%).** quip bits=3.0 is the only row whose "
-    "ARC-Easy answers match the original's (0.49 vs 0.49; PIQA 0.59 vs 0.65, within noise); rot_gptq 3-bit g128 "
-    "is within noise on both (0.45, 0.61); gptq 3-bit g128 is worse on both (0.37, 0.56), in the order of their "
-    "KL (0.44, 0.74, 1.31). The anchor, llm-compressor's GPTQ 3-bit g64 asymmetric (3.297 bpw, KL 0.91), is worse "
-    "than the original on ARC-Easy (0.35) and within noise on PIQA (0.57); quip bits=3.0, at 0.25 bit less, "
-    "scores 0.49 and 0.59. At 2.0 and 2.5 bpw quip stays within noise on ARC-Easy (0.41, 0.42) but is worse on "
-    "PIQA (0.53, 0.54). 100 questions tell a working model from a broken one; they do not rank rows a few points "
-    "apart.", "",
+    "- **ARC-Easy / PIQA (SmolLM2, 100 questions each, ±0.10 at 95%).** quip bits=3.0 and the 3.0 bpw search "
+    "plan (quip bits=3.0 with layer scales, one layer at 2.5; 2.999 bpw) are the rows whose ARC-Easy answers "
+    "match the original's (0.49 and 0.48 vs 0.49; PIQA 0.59 and 0.59 vs 0.65, within noise); rot_gptq 3-bit "
+    "g128 is within noise on both (0.45, 0.61); gptq 3-bit g128 is worse on both (0.37, 0.56), in the order of "
+    "their KL (0.44, 0.74, 1.31). The anchor, llm-compressor's GPTQ 3-bit g64 asymmetric (3.297 bpw, KL 0.91), "
+    "is worse than the original on ARC-Easy (0.35) and within noise on PIQA (0.57); quip bits=3.0, at 0.25 bit "
+    "less, scores 0.49 and 0.59. At 2.0 and 2.5 bpw quip stays within noise on ARC-Easy (0.41, 0.42) but is "
+    "worse on PIQA (0.53, 0.54). 100 questions tell a working model from a broken one; they do not rank rows a "
+    "few points apart.", "",
 ]
 
 
