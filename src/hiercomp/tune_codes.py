@@ -28,7 +28,7 @@ from hiercomp.layers.quantized import QuantizedLinear
 from hiercomp.layers.trellis import TrellisLinear, viterbi
 from hiercomp.layers.vq import DIM, E8Linear
 from hiercomp.methods.vq import encode_vectors
-from hiercomp.quant.grid import expand_to_columns
+from hiercomp.quant.grid import expand_to_columns, nearest_codes
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class Recoder:
 def _grid_encode(core: QuantizedLinear, target: torch.Tensor) -> torch.Tensor:
     s = expand_to_columns(core.scales.float(), core.in_features, core.grid.group_size)
     z = expand_to_columns(core.zeros().float(), core.in_features, core.grid.group_size)
-    # round(T/s + z), not round(T/s) + z: HQQ's zeros are float16, not integers
-    return torch.clamp(torch.round(target / s + z), 0, core.grid.maxq).to(torch.int64)
+    return nearest_codes(target, s, z, core.grid.maxq).to(torch.int64)  # HQQ's zeros are float16, not integers
 
 
 def _e8_padded(core: E8Linear, x: torch.Tensor) -> torch.Tensor:

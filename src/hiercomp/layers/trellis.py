@@ -24,9 +24,8 @@ import torch
 
 from hiercomp.layers.base import CompressedLinear, register_layer
 from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
-from hiercomp.quant import stored_scales
 from hiercomp.quant.grid import SCALE_BITS
-from hiercomp.quant.stored_scales import check_scale_bits
+from hiercomp.quant.stored_scales import StoredScales, check_scale_bits
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,7 +87,7 @@ def bits_to_states(bits: torch.Tensor, state_bits: int, k: int, steps: int) -> t
 
 
 @register_layer
-class TrellisLinear(CompressedLinear):
+class TrellisLinear(StoredScales, CompressedLinear):
     kind = "trellis"
 
     def __init__(self, bits: int, state_bits: int, paths: torch.Tensor | None, scales: torch.Tensor | None,
@@ -104,15 +103,9 @@ class TrellisLinear(CompressedLinear):
         check_scale_bits(self.scale_bits, self.row_scales)
         scale_rows = out_features if self.row_scales else 1
         count = self.sequences()[0] * self.sequence_bits()
-        if paths is None:
-            self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8))
-            stored = stored_scales.empty_buffers(scale_rows, 1, self.scale_bits)
-        else:
-            self.register_buffer("bitstream", self.packed_codes(paths)["bitstream"])
-            stored = stored_scales.split(scales.float().reshape(scale_rows, 1), self.scale_bits)
-        self.register_buffer("scales", stored["scales"].reshape(scale_rows).clone())
-        if "scale_base" in stored:
-            self.register_buffer("scale_base", stored["scale_base"].clone())
+        self.register_buffer("bitstream", torch.empty(packed_nbytes(count, 1), dtype=torch.uint8) if paths is None
+                             else self.packed_codes(paths)["bitstream"])
+        self._register_scales(scales, (scale_rows,))
 
     def packed_codes(self, paths: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored bit stream for the states of every step, in the form :meth:`states` gives them."""
@@ -136,26 +129,14 @@ class TrellisLinear(CompressedLinear):
         values = trellis_codebook(self.state_bits)[self.states().long()]
         return self.scale_values().unsqueeze(1) * (values.t() if self.by_columns else values)
 
-    def scale_values(self) -> torch.Tensor:
-        """The float32 scales (out or 1,) the layer computes with."""
-        return stored_scales.joined(self.scales, getattr(self, "scale_base", None))
-
     def weight_storage_bits(self) -> dict[str, int]:
-        bits = {"bitstream": self.sequences()[0] * self.sequence_bits(),
-                "scales": self.scales.numel() * self.scale_bits}
-        if self.scale_bits != SCALE_BITS:
-            bits["scale_base"] = SCALE_BITS
-        return bits
+        return {"bitstream": self.sequences()[0] * self.sequence_bits(), **self.scale_storage_bits()}
 
     def layer_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"bits": self.bits, "state_bits": self.state_bits}
         if self.by_columns:  # absent in folders saved before the Hessian sweep: rows
             config["by_columns"] = True
-        if not self.row_scales:  # absent (per-row scales) in folders saved before the option
-            config["row_scales"] = False
-        if self.scale_bits != SCALE_BITS:  # absent (float16) in folders saved before the option
-            config["scale_bits"] = self.scale_bits
-        return config
+        return {**config, **self.scale_config()}
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> TrellisLinear:

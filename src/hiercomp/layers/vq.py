@@ -27,9 +27,8 @@ import torch
 
 from hiercomp.layers.base import CompressedLinear, register_layer
 from hiercomp.layers.packing import pack_bits, packed_nbytes, unpack_bits
-from hiercomp.quant import stored_scales
 from hiercomp.quant.grid import SCALE_BITS
-from hiercomp.quant.stored_scales import check_scale_bits
+from hiercomp.quant.stored_scales import StoredScales, check_scale_bits
 
 DIM = 8
 STAGE_BITS = (4, 8, 12, 16)
@@ -228,7 +227,7 @@ def _unpack_wide(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 @register_layer
-class E8Linear(CompressedLinear):
+class E8Linear(StoredScales, CompressedLinear):
     kind = "vq"
 
     def __init__(
@@ -260,10 +259,7 @@ class E8Linear(CompressedLinear):
                    for s, b in enumerate(self.stage_bits)} if codes is None else self.packed_codes(codes))
         for name, buffer in packed.items():
             self.register_buffer(name, buffer)
-        stored = (stored_scales.empty_buffers(scale_rows, len(self.stage_bits), self.scale_bits) if scales is None
-                  else stored_scales.split(scales.float().reshape(scale_rows, -1), self.scale_bits))
-        for name, buffer in stored.items():
-            self.register_buffer(name, buffer.clone())
+        self._register_scales(scales, (scale_rows, len(self.stage_bits)))
 
     def packed_codes(self, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored buffers for one (out, vectors) code tensor per stage."""
@@ -274,28 +270,16 @@ class E8Linear(CompressedLinear):
         return [_unpack_wide(getattr(self, f"codes{s}"), b, count).view(self.out_features, self.vectors)
                 for s, b in enumerate(self.stage_bits)]
 
-    def scale_values(self) -> torch.Tensor:
-        """The float32 scales (out or 1, stages) the layer computes with."""
-        return stored_scales.joined(self.scales, getattr(self, "scale_base", None))
-
     def dequantize(self) -> torch.Tensor:
         return decode(self.codes(), self.scale_values(), self.stage_bits)[:, : self.in_features]
 
     def weight_storage_bits(self) -> dict[str, int]:
         count = self.out_features * self.vectors
         bits = {f"codes{s}": count * b for s, b in enumerate(self.stage_bits)}
-        bits["scales"] = self.scales.numel() * self.scale_bits
-        if self.scale_bits != SCALE_BITS:
-            bits["scale_base"] = self.scale_base.numel() * SCALE_BITS
-        return bits
+        return {**bits, **self.scale_storage_bits()}
 
     def layer_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"stage_bits": list(self.stage_bits)}
-        if not self.row_scales:  # absent (per-row scales) in every folder saved before the option
-            config["row_scales"] = False
-        if self.scale_bits != SCALE_BITS:  # absent (float16) in folders saved before the option
-            config["scale_bits"] = self.scale_bits
-        return config
+        return {"stage_bits": list(self.stage_bits), **self.scale_config()}
 
     @classmethod
     def empty(cls, config: dict[str, Any], bias_dtype: torch.dtype | None) -> E8Linear:

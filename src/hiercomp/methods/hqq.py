@@ -31,7 +31,7 @@ import torch
 from hiercomp.layers import CompressedLinear, QuantizedLinear
 from hiercomp.methods.base import LayerStats, Method, register_method
 from hiercomp.methods.hlq import fit_row_groups
-from hiercomp.quant.grid import SCALE_DTYPE, QuantGrid, scale_zero_from_range
+from hiercomp.quant.grid import SCALE_DTYPE, QuantGrid, nearest_codes, scale_zero_from_range
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,7 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 def _codes(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    # round(w/s + z), not round(w/s) + z: with a real-valued zero the two differ.
-    return torch.clamp(torch.round(rows / scale.unsqueeze(1) + zero.unsqueeze(1)), 0, maxq)
+    return nearest_codes(rows, scale.unsqueeze(1), zero.unsqueeze(1), maxq)
 
 
 def _sq_error(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,6 @@ from hiercomp.methods.hessian import (
 )
 from hiercomp.methods.vq import row_rms
 from hiercomp.quant import stored_scales
-from hiercomp.quant.grid import SCALE_DTYPE
 from hiercomp.quant.stored_scales import check_scale_bits
 
 ROW_SCALE = 1.05  # codebook scale / row RMS, MSE-optimal on Gaussian rows (measured at L = 12 and 16, k = 2)
@@ -78,9 +77,7 @@ class Trellis(Method):
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None, layer: str, origin: str
     ) -> CompressedLinear:
         w = weight.float()
-        scale = (row_rms(w, self.row_scales) * ROW_SCALE).to(SCALE_DTYPE)
-        scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
-        scale = stored_scales.representable(scale.unsqueeze(1), self.scale_bits).squeeze(1)
+        scale = stored_scales.fit(row_rms(w, self.row_scales) * ROW_SCALE, self.scale_bits)
         by_columns = self.ldlq and stats is not None and stats.hessian is not None
         if by_columns:
             paths = self._sweep(w, scale, layer_hessian(stats, weight, self.name, layer), layer)

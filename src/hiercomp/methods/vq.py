@@ -40,7 +40,6 @@ from hiercomp.methods.hessian import (
     zero_dead_inputs,
 )
 from hiercomp.quant import stored_scales
-from hiercomp.quant.grid import SCALE_DTYPE
 from hiercomp.quant.stored_scales import check_scale_bits
 
 RESIDUAL_SCALE = {16: 1.0, 8: 1.6, 4: 1.1}  # residual-stage scale / residual RMS, fitted on Gaussian residuals
@@ -60,9 +59,7 @@ def fit_scales(weight: torch.Tensor, stage_bits: tuple[int, ...], per_row: bool 
     residual = weight.float()
     for s, bits in enumerate(stage_bits):
         factor = 1.0 if s == 0 else RESIDUAL_SCALE[bits]
-        scale = (row_rms(residual, per_row) * factor).to(SCALE_DTYPE)
-        scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
-        scale = stored_scales.representable(scale.unsqueeze(1), scale_bits).squeeze(1)
+        scale = stored_scales.fit(row_rms(residual, per_row) * factor, scale_bits)
         scales[:, s] = scale
         if s + 1 < len(stage_bits):
             codes = encode_stage((residual / scale.unsqueeze(1)).reshape(-1, DIM), bits)

@@ -108,6 +108,12 @@ def quantize_codes(
     return torch.clamp(torch.round(weight / scale) + zero, 0, maxq)
 
 
+def nearest_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The code nearest ``weight`` under s · (q − z) for a real-valued zero (HQQ's float16 zeros): round(w/s + z).
+    :func:`quantize_codes`' round(w/s) + z is the same for integer zeros except on exact ties."""
+    return torch.clamp(torch.round(weight / scale + zero), 0, maxq)
+
+
 def expand_to_columns(per_group: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
     """(rows, groups) -> (rows, in_features) by repeating each group's value over its columns."""
     return per_group[:, group_index(in_features, group_size, per_group.device)]

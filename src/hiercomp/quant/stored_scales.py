@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hiercomp.quant.grid import SCALE_DTYPE
+from hiercomp.quant.grid import SCALE_BITS, SCALE_DTYPE
 
 SCALE8_DTYPE = torch.float8_e4m3fn
 BASE_SHIFT = 8
@@ -60,3 +60,47 @@ def empty_buffers(rows: int, columns: int, scale_bits: int) -> dict[str, torch.T
         return {"scales": torch.empty(rows, columns, dtype=SCALE_DTYPE)}
     return {"scales": torch.empty(rows, columns, dtype=SCALE8_DTYPE),
             "scale_base": torch.empty(columns, dtype=SCALE_DTYPE)}
+
+
+def fit(values: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Fitted scales (rows,) as a layer will store them: float16-rounded, never 0 (2^-24 for an all-zero row),
+    then in ``scale_bits``; float32. The codes are chosen under these."""
+    scale = values.to(SCALE_DTYPE)
+    scale = torch.where(scale > 0, scale, torch.tensor(2.0**-24, dtype=SCALE_DTYPE)).float()
+    return representable(scale.unsqueeze(1), scale_bits).squeeze(1)
+
+
+class StoredScales:
+    """What a codebook layer (E8, trellis) does with its scales: registers them in ``scale_bits`` (per row, or one
+    per layer without ``row_scales``), gives the float32 values it computes with, counts their bits and writes
+    the options to its config (absent at their defaults, as in folders saved before them)."""
+
+    row_scales: bool
+    scale_bits: int
+
+    def _register_scales(self, scales: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        """``shape``: the ``scales`` buffer's, (rows,) or (rows, stages), rows 1 without ``row_scales``."""
+        rows, columns = shape[0], (shape[1] if len(shape) > 1 else 1)
+        stored = (empty_buffers(rows, columns, self.scale_bits) if scales is None
+                  else split(scales.float().reshape(rows, columns), self.scale_bits))
+        self.register_buffer("scales", stored["scales"].reshape(shape).clone())  # type: ignore[attr-defined]
+        if "scale_base" in stored:
+            self.register_buffer("scale_base", stored["scale_base"].clone())  # type: ignore[attr-defined]
+
+    def scale_values(self) -> torch.Tensor:
+        """The float32 scales, shaped as the ``scales`` buffer."""
+        return joined(self.scales, getattr(self, "scale_base", None))  # type: ignore[attr-defined]
+
+    def scale_storage_bits(self) -> dict[str, int]:
+        bits = {"scales": self.scales.numel() * self.scale_bits}  # type: ignore[attr-defined]
+        if self.scale_bits != SCALE_BITS:
+            bits["scale_base"] = self.scale_base.numel() * SCALE_BITS  # type: ignore[attr-defined]
+        return bits
+
+    def scale_config(self) -> dict[str, object]:
+        config: dict[str, object] = {}
+        if not self.row_scales:
+            config["row_scales"] = False
+        if self.scale_bits != SCALE_BITS:
+            config["scale_bits"] = self.scale_bits
+        return config
