@@ -340,7 +340,8 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
     "stories260K": [("quip", {"bits": 2.0}), ("search", {"budget": "3.0bpw", "levels": SEARCH_LEVELS}),
                     ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}), ("quip", {"bits": 2.5}),
                     ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
-                    ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}), ("rot_trellis", {"bits": 2})],
+                    ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}), ("rot_trellis", {"bits": 2}),
+                    ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True})],
     "SmolLM2-135M": [("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO}),
                      ("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
@@ -350,7 +351,10 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
     STORIES_256: [("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
                   ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS}),
                   ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS, "tune_code_every": 8,
-                              "tune_code_lr": 0.02, "tune_code_fraction": 0.0005})],
+                              "tune_code_lr": 0.02, "tune_code_fraction": 0.0005}),
+                  # ... and tuning every parameter left dense as well (the embeddings: PV-Tuning's
+                  # update_non_quantized_parameters)
+                  ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True})],
 }
 
 
@@ -380,11 +384,11 @@ def run_tuned(model_name: str, method: str, params: dict) -> dict:
     path, tokenizer, windows, ref = setup(model_name)
     calib = calibration(model_name, tokenizer)
     settings = TUNE[model_name]
-    v_steps = {k.removeprefix("tune_"): v for k, v in params.items() if k.startswith("tune_code")}
+    options = {k.removeprefix("tune_"): v for k, v in params.items() if k.startswith("tune_")}  # V steps, ...
     start = time.perf_counter()
     cm = compress_config(path, method, {k: v for k, v in params.items() if not k.startswith("tune_")}, calib)
     seconds = time.perf_counter() - start
-    config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"], **v_steps)
+    config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"], **options)
     row = {"model": model_name, "method": method, "params": params, "bpw": cm.bits_per_weight,
            "calib": list(calib.shape), "compress_seconds": seconds,
            "tune": {**asdict(config), "window": settings["window"]}}
@@ -836,6 +840,8 @@ def label(row: dict) -> str:
     tuned = f" + tune {row['tune']['steps']}" if "tune" in row else ""
     if row.get("tune", {}).get("code_every"):
         tuned += f" with V steps every {row['tune']['code_every']}"
+    if row.get("tune", {}).get("uncompressed"):
+        tuned += ", embeddings too"
     if row["method"] == "search":
         return f"{SEARCH_KINDS.get(p['levels'], 'search')} (evo, budget {p['budget']})" + tuned
     return row["method"] + "".join(f" {k}={v}" for k, v in p.items() if not k.startswith("tune_")) + tuned
