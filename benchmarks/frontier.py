@@ -343,6 +343,9 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
                     ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}), ("rot_trellis", {"bits": 2}),
                     ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True})],
     "SmolLM2-135M": [("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO}),
+                     # its 3-bit plan kept the untuned state at lr 1e-2: a smaller step, the embeddings too
+                     ("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO,
+                                 "tune_uncompressed": True, "tune_lr": 3e-3}),
                      ("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
                      ("rot_gptq", {"bits": 2, "group_size": 32})],
@@ -384,11 +387,13 @@ def run_tuned(model_name: str, method: str, params: dict) -> dict:
     path, tokenizer, windows, ref = setup(model_name)
     calib = calibration(model_name, tokenizer)
     settings = TUNE[model_name]
-    options = {k.removeprefix("tune_"): v for k, v in params.items() if k.startswith("tune_")}  # V steps, ...
+    # the model's TUNE settings, with the row's own (tune_lr, tune_code_every, tune_uncompressed, ...)
+    options = {**{k: settings[k] for k in ("steps", "lr", "batch_size")},
+               **{k.removeprefix("tune_"): v for k, v in params.items() if k.startswith("tune_")}}
     start = time.perf_counter()
     cm = compress_config(path, method, {k: v for k, v in params.items() if not k.startswith("tune_")}, calib)
     seconds = time.perf_counter() - start
-    config = TuneConfig(steps=settings["steps"], lr=settings["lr"], batch_size=settings["batch_size"], **options)
+    config = TuneConfig(**options)
     row = {"model": model_name, "method": method, "params": params, "bpw": cm.bits_per_weight,
            "calib": list(calib.shape), "compress_seconds": seconds,
            "tune": {**asdict(config), "window": settings["window"]}}
@@ -838,6 +843,8 @@ def run_tasks() -> None:
 def label(row: dict) -> str:
     p = row.get("params") or {}
     tuned = f" + tune {row['tune']['steps']}" if "tune" in row else ""
+    if "tune" in row and row["tune"]["lr"] != TUNE[row["model"]]["lr"]:
+        tuned += f" at lr {row['tune']['lr']:g}"
     if row.get("tune", {}).get("code_every"):
         tuned += f" with V steps every {row['tune']['code_every']}"
     if row.get("tune", {}).get("uncompressed"):
