@@ -148,7 +148,8 @@ def compress(
     ``budget`` ("3.0bpw", "150KB", "0.25x": a plan is searched first with ``search`` over ``levels``), and/or
     ``drop`` (depth pruning: remove that many ``drop_unit`` units chosen by ``drop_rule`` first; ``recovery``, a
     :class:`hiercomp.depth.RecoveryConfig`, distils the later blocks afterwards; a :class:`hiercomp.tune.TuneConfig`,
-    or a list of both, tunes the quantized layers' scales and the norms against the original after quantizing).
+    or a list of both, tunes the quantized layers' scales and the norms, or with ``uncompressed=True`` every dense
+    parameter too, against the original after quantizing).
     ``calibration``: a text file, a :class:`CalibrationConfig` or an ``(N, L)`` token tensor; every route uses
     the same default windows (:data:`hiercomp.calibration.DEFAULT_NUM_SEQUENCES` of min(512, context) tokens).
     ``out`` is checked before any work and written atomically at the end (``force`` replaces it).
