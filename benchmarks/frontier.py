@@ -341,11 +341,17 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
                     ("search", {"budget": "2.5bpw", "levels": SEARCH_LEVELS}), ("quip", {"bits": 2.5}),
                     ("search", {"budget": "3.0bpw", "levels": TRELLIS_SEARCH_LEVELS}),
                     ("search", {"budget": "2.5bpw", "levels": TRELLIS_SEARCH_LEVELS}), ("rot_trellis", {"bits": 2}),
-                    ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True})],
+                    ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True}),
+                    # ... and on 224 windows the original samples itself as well (its 28 real ones overfit by step 128)
+                    ("search", {"budget": "3.0bpw", "levels": TRELLIS8_SEARCH_LEVELS, "tune_uncompressed": True,
+                                "tune_generated": 224})],
     "SmolLM2-135M": [("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO}),
                      # its 3-bit plan kept the untuned state at lr 1e-2: a smaller step, the embeddings too
                      ("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO,
                                  "tune_uncompressed": True, "tune_lr": 3e-3}),
+                     # ... which overfit its 14 windows by step 4: with 64 more the original samples itself
+                     ("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO,
+                                 "tune_uncompressed": True, "tune_lr": 3e-3, "tune_generated": 64}),
                      ("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
                      ("rot_gptq", {"bits": 2, "group_size": 32})],
@@ -849,6 +855,8 @@ def label(row: dict) -> str:
         tuned += f" with V steps every {row['tune']['code_every']}"
     if row.get("tune", {}).get("uncompressed"):
         tuned += ", embeddings too"
+    if row.get("tune", {}).get("generated"):
+        tuned += f", {row['tune']['generated']} sampled windows"
     if row["method"] == "search":
         return f"{SEARCH_KINDS.get(p['levels'], 'search')} (evo, budget {p['budget']})" + tuned
     return row["method"] + "".join(f" {k}={v}" for k, v in p.items() if not k.startswith("tune_")) + tuned

@@ -14,6 +14,11 @@ windows. What is trained:
   (256 windows) the embedding's 32k values took the mean KL on held-out TinyStories and WikiText-2 text from
   0.380 (norms only) to 0.337 (benchmarks/results/frontier.md).
 
+Training text: the calibration windows, and with ``generated`` as many windows again as it says, sampled from the
+original model itself at temperature 1 (LLM-QAT's data-free distillation): text from the very distribution the
+student must match, for when the calibration text is short. The held-out windows stay real text, so the kept
+state is still chosen on it.
+
 Integer zeros and the computed codebooks (E8 lattice, the trellis's hashed Gaussian) are discrete or not stored,
 so they stay. The codes stay too, unless ``code_every`` asks for PV-Tuning's other half: every that many steps a
 V step (:mod:`hiercomp.tune_codes`) re-chooses the few codes a projected gradient step moves most; the codes are
@@ -72,6 +77,7 @@ class TuneConfig:
     seed: int = 0
     norms: bool = True  # also tune the normalisation layers' weights
     uncompressed: bool = False  # also every other parameter left dense (embeddings, head, skipped layers)
+    generated: int = 0  # also distil on this many windows sampled from the original (causal LMs)
     schedule: str = "cosine"  # "cosine" (decay to zero over the steps) or "constant"
     keep_best: bool = True  # hold windows out, check the loss on them, keep the best state (the untuned included)
     check_every: int = 0  # steps between held-out checks; 0: steps // 8 (at least 1)
@@ -415,6 +421,11 @@ def tune(
                             f"{config.code_every}, {config.code_lr}, {config.code_fraction}")
     if calibration is None:
         raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
+    if config.generated < 0:
+        raise HiercompError(f"the number of sampled windows must be 0 or more, got {config.generated}")
+    if config.generated and encoder:
+        raise HiercompError("sampled windows come from a causal LM's next-token distribution and this model is an "
+                            "encoder: drop --tune-generated")
     layers = compressed_layers(model)
     if not layers:
         raise HiercompError("recovery tuning needs compressed layers: give a method, recipe, plan or budget too")
@@ -434,6 +445,8 @@ def tune(
         for name, wrapper in wrappers.items():
             set_module(model, name, wrapper)
         train, held_out = split_held_out(calibration) if config.keep_best else (calibration, None)
+        if config.generated:
+            train = torch.cat([train, sampled_windows(teacher, train, config.generated, config.seed, progress)])
         codes: list[torch.Tensor] = []
         if config.code_every:
             for wrapper in wrappers.values():
@@ -467,6 +480,30 @@ def tune(
                       time.perf_counter() - start, held_out=0 if held_out is None else held_out.shape[0],
                       held_out_before=checks.get(0), held_out_after=checks.get(run.best_step),
                       best_step=run.best_step, codes_changed=codes_changed)
+
+
+def sampled_windows(teacher: nn.Module, windows: torch.Tensor, count: int, seed: int,
+                    progress: bool = False) -> torch.Tensor:
+    """``count`` windows as long as ``windows``, sampled from ``teacher`` at temperature 1 (no top-k or top-p: the
+    distribution itself), each started from the first token of one of ``windows`` in turn. End-of-text does not stop
+    a window (calibration windows run across documents too). Seeded, so a rerun samples the same text."""
+    length = windows.shape[1]
+    if length < 2:
+        raise HiercompError(f"sampling windows needs calibration windows of at least 2 tokens, got {length}")
+    starts = windows[torch.arange(count) % windows.shape[0], :1]
+    batch = 32
+    out = []
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        for i in tqdm(range(0, count, batch), desc="sampling windows", disable=not progress):
+            prompt = starts[i:i + batch]
+            out.append(teacher.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
+                                        eos_token_id=None, pad_token_id=0))
+    sampled = torch.cat(out)
+    if sampled.shape != (count, length):  # generate stopped early: nothing to train on at full length
+        raise HiercompError(f"sampling stopped at {sampled.shape[1]} of {length} tokens; tune without generated")
+    return sampled.to(windows.dtype)
 
 
 def split_held_out(calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

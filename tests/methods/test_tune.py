@@ -17,7 +17,7 @@ from hiercomp.hierarchy import compressed_layers
 from hiercomp.io.hf import LoadedModel
 from hiercomp.layers import RotatedLinear
 from hiercomp.recipe import Recipe
-from hiercomp.tune import TuneConfig, split_recovery, tune
+from hiercomp.tune import TuneConfig, sampled_windows, split_recovery, tune
 from tests.conftest import STORIES, TINYSTORIES, needs_shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,6 +133,25 @@ def test_tuning_uncompressed_parameters_too_lowers_the_loss_more_and_reloads_bit
     assert_reloads_bit_exactly(wide, tmp_path / "m")
 
 
+def test_sampled_windows_are_the_originals_own_text_seeded_and_train_with_the_calibration():
+    teacher = tiny_llama().model.eval()
+    windows = sampled_windows(teacher, CALIB, 10, seed=3)
+    assert windows.shape == (10, CALIB.shape[1]) and windows.dtype == CALIB.dtype
+    assert torch.equal(windows[:, 0], CALIB[torch.arange(10) % len(CALIB), 0])  # each starts as a window does
+    assert torch.equal(windows, sampled_windows(teacher, CALIB, 10, seed=3))  # a rerun samples the same text
+    assert not torch.equal(windows, sampled_windows(teacher, CALIB, 10, seed=4))
+    # temperature 1: on a random model the samples spread over the vocabulary, not one greedy path
+    assert windows[:, 1:].unique().numel() > 100
+    loaded = tiny_llama()
+    cm = hiercomp.compress(loaded, Recipe.single("gptq", bits=2, group_size=32), CALIB, progress=False,
+                           recovery=TuneConfig(steps=4, generated=12))
+    assert cm.extra["tuning"]["generated"] == 12 and cm.extra["tuning"]["held_out"] == 1  # held out: real text
+    with pytest.raises(HiercompError, match="0 or more"):
+        tune(cm.model, teacher, CALIB, TuneConfig(steps=2, generated=-1), progress=False)
+    with pytest.raises(HiercompError, match="encoder: drop --tune-generated"):
+        tune(cm.model, teacher, CALIB, TuneConfig(steps=2, generated=4), encoder=True, progress=False)
+
+
 def assert_same_tuned_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """The tensors tuning trains (every layer's scales, the final norm) are bit-equal in ``a`` and ``b``."""
     for name, layer in compressed_layers(a).items():
@@ -191,11 +210,12 @@ def test_cli_rotate_and_tune_on_stories260k(tmp_path, capsys):
     out = tmp_path / "m"
     code = main(["compress", str(STORIES), "--method", "gptq", "--bits", "3", "--group-size", "32", "--rotate",
                  "--calib", str(TINYSTORIES), "--calib-n", "8", "--calib-len", "64", "--tune-steps", "6",
-                 "--tune-lr", "0.005", "--tune-codes", "2", "--tune-uncompressed", "--quiet", "--out", str(out)])
+                 "--tune-lr", "0.005", "--tune-codes", "2", "--tune-uncompressed", "--tune-generated", "4",
+                 "--quiet", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / "hiercomp.json").read_text())
     assert meta["tuning"]["steps"] == 6 and meta["tuning"]["lr"] == 0.005 and meta["tuning"]["code_every"] == 2
-    assert meta["tuning"]["uncompressed"]
+    assert meta["tuning"]["uncompressed"] and meta["tuning"]["generated"] == 4
     assert meta["tuning"]["loss_last"] < meta["tuning"]["loss_first"]
     assert {r["method"] for r in meta["recipe"]["rules"]} == {"rot_gptq"}
     layers = compressed_layers(hiercomp.load(out, runtime="reference").model)
@@ -206,6 +226,7 @@ def test_cli_rotate_and_tune_on_stories260k(tmp_path, capsys):
     assert "--calib" in capsys.readouterr().err
     assert main(["compress", str(STORIES), "--method", "rtn", "--tune-codes", "2", "--out", str(tmp_path / "c")]) == 2
     assert "add --tune-steps" in capsys.readouterr().err
-    assert main(["compress", str(STORIES), "--method", "rtn", "--tune-uncompressed", "--out", str(tmp_path / "u")]) == 2
-    assert "add --tune-steps" in capsys.readouterr().err
+    for flag in (["--tune-uncompressed"], ["--tune-generated", "8"]):
+        assert main(["compress", str(STORIES), "--method", "rtn", *flag, "--out", str(tmp_path / "u")]) == 2
+        assert "add --tune-steps" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in ("w", "t", "c", "u"))

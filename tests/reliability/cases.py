@@ -653,6 +653,8 @@ CASES: list[Case] = [
          lambda env, case: rtn(env["stories"], case, "--tune-codes", "4"), "add --tune-steps"),
     Case("compress: --tune-uncompressed without --tune-steps",
          lambda env, case: rtn(env["stories"], case, "--tune-uncompressed"), "add --tune-steps"),
+    Case("compress: --tune-generated without --tune-steps",
+         lambda env, case: rtn(env["stories"], case, "--tune-generated", "8"), "add --tune-steps"),
     Case("compress: trellis with its Hessian sweep and no --calib",
          lambda env, case: compress_args(env["stories"], case / "out", "--method", "trellis"), "pass --calib"),
     # -- context compression options

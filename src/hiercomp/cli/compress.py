@@ -41,6 +41,9 @@ from hiercomp.errors import HiercompError
 @click.option("--tune-uncompressed", is_flag=True,
               help="With --tune-steps: also tune every parameter left dense (embeddings, output head), as "
                    "PV-Tuning does; the size does not change.")
+@click.option("--tune-generated", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --tune-steps: also distil on this many windows the original model samples itself "
+                   "(for short calibration text; causal LMs).")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE",
               help="Any other method parameter, e.g. --param n_grid=40 (repeatable; see `hiercomp methods`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text: .txt, or .jsonl with --calib-field.")
@@ -93,7 +96,8 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              recover_steps: int = 0, plan_file: str | None = None, budget: str | None = None,
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
              cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
-             tune_lr: float = 1e-3, tune_codes: int = 0, tune_uncompressed: bool = False, stream: bool = False,
+             tune_lr: float = 1e-3, tune_codes: int = 0, tune_uncompressed: bool = False, tune_generated: int = 0,
+             stream: bool = False,
              workers: int | None = None, ray_address: str | None = None, worker_threads: int | None = None) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
@@ -122,12 +126,12 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
         from hiercomp.tune import TuneConfig
 
         tuning = TuneConfig(steps=tune_steps, lr=tune_lr, seed=seed, code_every=tune_codes,
-                            uncompressed=tune_uncompressed)
+                            uncompressed=tune_uncompressed, generated=tune_generated)
         recovery = [r for r in (recovery, tuning) if r is not None]
     elif tune_codes:
         raise HiercompError("--tune-codes re-chooses codes during recovery tuning: add --tune-steps N")
-    elif tune_uncompressed:
-        raise HiercompError("--tune-uncompressed widens recovery tuning: add --tune-steps N")
+    elif tune_uncompressed or tune_generated:
+        raise HiercompError("--tune-uncompressed and --tune-generated widen recovery tuning: add --tune-steps N")
     evo = None
     if budget is not None:
         from hiercomp.budget.evo import EvoConfig
