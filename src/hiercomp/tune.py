@@ -17,7 +17,9 @@ windows. What is trained:
 Training text: the calibration windows, and with ``generated`` as many windows again as it says, sampled from the
 original model itself at temperature 1 (LLM-QAT's data-free distillation): text from the very distribution the
 student must match, for when the calibration text is short. The held-out windows stay real text, so the kept
-state is still chosen on it.
+state is still chosen on it. stories260K's 3.0 bpw search plan with 32 calibration windows (28 train), embeddings
+tuned too: held-out loss 0.298 -> 0.260 and mean KL on held-out TinyStories and WikiText-2 0.413 -> 0.336 with
+224 sampled windows; the real ones alone overfit by step 128 of 256.
 
 Integer zeros and the computed codebooks (E8 lattice, the trellis's hashed Gaussian) are discrete or not stored,
 so they stay. The codes stay too, unless ``code_every`` asks for PV-Tuning's other half: every that many steps a
