@@ -14,8 +14,8 @@ windows. What is trained:
   (256 windows) the embedding's 32k values took the mean KL on held-out TinyStories and WikiText-2 text from
   0.380 (norms only) to 0.337 (benchmarks/results/frontier.md).
 
-Training text: the calibration windows, and with ``generated`` as many windows again as it says, sampled from the
-original model itself at temperature 1 (LLM-QAT's data-free distillation): text from the very distribution the
+Training text: the calibration windows, and with ``generated`` that many more windows, sampled from the original
+model itself at temperature 1 (LLM-QAT's data-free distillation): text from the very distribution the
 student must match, for when the calibration text is short. The held-out windows stay real text, so the kept
 state is still chosen on it. stories260K's 3.0 bpw search plan with 32 calibration windows (28 train), embeddings
 tuned too: held-out loss 0.298 -> 0.260 and mean KL on held-out TinyStories and WikiText-2 0.413 -> 0.336 with

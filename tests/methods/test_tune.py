@@ -150,6 +150,8 @@ def test_sampled_windows_are_the_originals_own_text_seeded_and_train_with_the_ca
         tune(cm.model, teacher, CALIB, TuneConfig(steps=2, generated=-1), progress=False)
     with pytest.raises(HiercompError, match="encoder: drop --tune-generated"):
         tune(cm.model, teacher, CALIB, TuneConfig(steps=2, generated=4), encoder=True, progress=False)
+    with pytest.raises(HiercompError, match="at least 2 tokens"):
+        sampled_windows(teacher, CALIB[:, :1], 4, seed=0)
 
 
 def assert_same_tuned_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -97,8 +97,8 @@ def compress(model: str, out: str, method: str | None, recipe: str | None, bits:
              search_kind: str = "evo", levels: str | None = None, generations: int | None = None,
              cache_dir: str | None = None, resume: bool = False, rotate: bool = False, tune_steps: int = 0,
              tune_lr: float = 1e-3, tune_codes: int = 0, tune_uncompressed: bool = False, tune_generated: int = 0,
-             stream: bool = False,
-             workers: int | None = None, ray_address: str | None = None, worker_threads: int | None = None) -> None:
+             stream: bool = False, workers: int | None = None, ray_address: str | None = None,
+             worker_threads: int | None = None) -> None:
     """Compress MODEL (a Hugging Face folder or hub id) and save it, packed, to --out.
 
     Say what to do with --method, --recipe, --plan FILE (from `hiercomp search`), or --budget (search, then compress).
