@@ -352,6 +352,10 @@ TUNED_CONFIGS = {  # the most telling first, in case the time runs out
                      # ... which overfit its 14 windows by step 4: with 64 more the original samples itself
                      ("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO,
                                  "tune_uncompressed": True, "tune_lr": 3e-3, "tune_generated": 64}),
+                     # ... and a smaller step still
+                     ("search", {"budget": "3.0bpw", "levels": SMOL_SEARCH_LEVELS, "evo": SMOL_EVO,
+                                 "tune_uncompressed": True, "tune_lr": 1e-3}),
+                     ("quip", {"bits": 2.0, "tune_uncompressed": True, "tune_lr": 3e-3}),
                      ("quip", {"bits": 3.0}), ("quip", {"bits": 2.0}), ("rot_gptq", {"bits": 3, "group_size": 128}),
                      ("quip", {"bits": 2.5}), ("rot_gptq", {"bits": 2, "group_size": 128}),
                      ("rot_gptq", {"bits": 2, "group_size": 32})],
