@@ -37,7 +37,7 @@ from hiercomp.io.saved import (
 from hiercomp.io.yamlfile import load_yaml
 from hiercomp.plan import Plan
 from hiercomp.recipe import Recipe
-from hiercomp.tune import split_recovery, tune
+from hiercomp.tune import check_tuning, split_recovery, tune
 
 
 @dataclass
@@ -192,6 +192,8 @@ def compress(
         parse_budget(budget)  # a malformed budget fails before the model loads
     loaded = as_loaded(model_or_path, tokenizer, trust_remote_code)
     calibration = calibration_tokens(loaded.tokenizer, calibration, model_context(loaded.model))
+    if tuning is not None:  # a bad tuning config fails now, not after the quantizing it would tune
+        check_tuning(tuning, calibration is not None, loaded.is_encoder)
     recipe_obj: Recipe | None = None
     if budget is not None:
         plan = _search(loaded, budget, calibration, search=search, levels=levels, evo=evo, seed=seed,

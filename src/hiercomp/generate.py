@@ -265,7 +265,7 @@ def generate(
 
 # Generation-config settings that make transformers' generate change the logits beyond temperature and top-p, and
 # their neutral values: a model that sets one generates through transformers, which applies it.
-_LOGIT_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+LOGIT_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
                    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
                    "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0, "sequence_bias": None,
                    "min_length": 0, "min_new_tokens": None, "exponential_decay_length_penalty": None}
@@ -274,7 +274,7 @@ _LOGIT_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_wo
 def _config_processes_logits(module: Any) -> bool:
     config = getattr(module, "generation_config", None)
     return config is not None and any(getattr(config, name, neutral) not in (neutral, None)
-                                      for name, neutral in _LOGIT_SETTINGS.items())
+                                      for name, neutral in LOGIT_SETTINGS.items())
 
 
 def print_stream(text: str) -> None:

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from hiercomp.depth.scoring import model_outputs, output_damage
 from hiercomp.errors import HiercompError
+from hiercomp.generate import LOGIT_SETTINGS
 from hiercomp.hierarchy import compressed_layers, set_module
 from hiercomp.layers.base import CompressedLinear
 from hiercomp.layers.rotated import INNER_PREFIX
@@ -386,13 +387,13 @@ def _compact(value: Any) -> Any:
 def _dense_parameters(model: nn.Module, config: TuneConfig) -> list[nn.Parameter]:
     """The dense parameters ``config`` tunes besides the compressed layers' tensors: the normalisation weights
     (``norms``), or every floating-point parameter outside the compressed layers (``uncompressed``)."""
-    inside = {id(p) for layer in compressed_layers(model).values() for p in layer.parameters()}
-    if config.uncompressed:
+    if config.uncompressed:  # a compressed layer's float tensors train through its wrapper's masters instead
+        inside = {id(p) for layer in compressed_layers(model).values() for p in layer.parameters()}
         return [p for p in model.parameters() if p.is_floating_point() and id(p) not in inside]
     if not config.norms:
         return []
     return [p for m in model.modules() if "norm" in type(m).__name__.lower()
-            for p in m.parameters(recurse=False) if p.is_floating_point() and id(p) not in inside]
+            for p in m.parameters(recurse=False) if p.is_floating_point()]
 
 
 def _group(params: list[torch.Tensor], lr: float) -> list[dict[str, Any]]:
@@ -401,6 +402,25 @@ def _group(params: list[torch.Tensor], lr: float) -> list[dict[str, Any]]:
         rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
         groups.append({"params": [p], "lr": lr * (rms if rms > 0 else 1.0)})
     return groups
+
+
+def check_tuning(config: TuneConfig, has_calibration: bool, encoder: bool) -> None:
+    """Every error a tuning config can have with this model and calibration, as one line. ``compress`` calls it
+    before any quantizing, so a bad config fails in seconds, not after the work it would tune."""
+    if config.steps < 1:
+        raise HiercompError(f"tuning needs at least 1 step, got {config.steps}; drop --tune-steps to skip it")
+    if not config.lr > 0:
+        raise HiercompError(f"the tuning learning rate must be positive, got {config.lr}")
+    if config.code_every < 0 or (config.code_every and not (config.code_lr > 0 and 0 < config.code_fraction <= 1)):
+        raise HiercompError("re-choosing codes needs code_every >= 0, code_lr > 0 and 0 < code_fraction <= 1, got "
+                            f"{config.code_every}, {config.code_lr}, {config.code_fraction}")
+    if not has_calibration:
+        raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
+    if config.generated < 0:
+        raise HiercompError(f"the number of sampled windows must be 0 or more, got {config.generated}")
+    if config.generated and encoder:
+        raise HiercompError("sampled windows come from a causal LM's next-token distribution and this model is an "
+                            "encoder: drop --tune-generated")
 
 
 def tune(
@@ -414,20 +434,7 @@ def tune(
 ) -> TuneReport:
     """Tune ``model``'s compressed layers' float tensors (and norm weights, or every dense parameter) in place to
     match ``teacher``."""
-    if config.steps < 1:
-        raise HiercompError(f"tuning needs at least 1 step, got {config.steps}; drop --tune-steps to skip it")
-    if not config.lr > 0:
-        raise HiercompError(f"the tuning learning rate must be positive, got {config.lr}")
-    if config.code_every < 0 or (config.code_every and not (config.code_lr > 0 and 0 < config.code_fraction <= 1)):
-        raise HiercompError("re-choosing codes needs code_every >= 0, code_lr > 0 and 0 < code_fraction <= 1, got "
-                            f"{config.code_every}, {config.code_lr}, {config.code_fraction}")
-    if calibration is None:
-        raise HiercompError("recovery tuning distils from the original model on calibration text: pass --calib FILE")
-    if config.generated < 0:
-        raise HiercompError(f"the number of sampled windows must be 0 or more, got {config.generated}")
-    if config.generated and encoder:
-        raise HiercompError("sampled windows come from a causal LM's next-token distribution and this model is an "
-                            "encoder: drop --tune-generated")
+    check_tuning(config, calibration is not None, encoder)
     layers = compressed_layers(model)
     if not layers:
         raise HiercompError("recovery tuning needs compressed layers: give a method, recipe, plan or budget too")
@@ -486,9 +493,10 @@ def tune(
 
 def sampled_windows(teacher: nn.Module, windows: torch.Tensor, count: int, seed: int,
                     progress: bool = False) -> torch.Tensor:
-    """``count`` windows as long as ``windows``, sampled from ``teacher`` at temperature 1 (no top-k or top-p: the
-    distribution itself), each started from the first token of one of ``windows`` in turn. End-of-text does not stop
-    a window (calibration windows run across documents too). Seeded, so a rerun samples the same text."""
+    """``count`` windows as long as ``windows``, sampled from ``teacher`` at temperature 1 (no top-k, top-p or
+    generation-config penalties: the distribution itself), each started from the first token of one of ``windows``
+    in turn. End-of-text does not stop a window (calibration windows run across documents too). Seeded, so a rerun
+    samples the same text."""
     length = windows.shape[1]
     if length < 2:
         raise HiercompError(f"sampling windows needs calibration windows of at least 2 tokens, got {length}")
@@ -501,7 +509,8 @@ def sampled_windows(teacher: nn.Module, windows: torch.Tensor, count: int, seed:
             prompt = starts[i:i + batch]
             out.append(teacher.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                                        eos_token_id=None, pad_token_id=0))
+                                        eos_token_id=None, pad_token_id=0,
+                                        **LOGIT_SETTINGS))  # its generation config's penalties off
     sampled = torch.cat(out)
     if sampled.shape != (count, length):  # generate stopped early: nothing to train on at full length
         raise HiercompError(f"sampling stopped at {sampled.shape[1]} of {length} tokens; tune without generated")

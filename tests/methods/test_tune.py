@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import hiercomp
 from hiercomp.cli import main
@@ -142,6 +142,10 @@ def test_sampled_windows_are_the_originals_own_text_seeded_and_train_with_the_ca
     assert not torch.equal(windows, sampled_windows(teacher, CALIB, 10, seed=4))
     # temperature 1: on a random model the samples spread over the vocabulary, not one greedy path
     assert windows[:, 1:].unique().numel() > 100
+    # the model's own distribution: a repetition penalty in its generation config does not reach the samples
+    teacher.generation_config.repetition_penalty = 5.0
+    assert torch.equal(windows, sampled_windows(teacher, CALIB, 10, seed=3))
+    teacher.generation_config.repetition_penalty = 1.0
     loaded = tiny_llama()
     cm = hiercomp.compress(loaded, Recipe.single("gptq", bits=2, group_size=32), CALIB, progress=False,
                            recovery=TuneConfig(steps=4, generated=12))
@@ -152,6 +156,28 @@ def test_sampled_windows_are_the_originals_own_text_seeded_and_train_with_the_ca
         tune(cm.model, teacher, CALIB, TuneConfig(steps=2, generated=4), encoder=True, progress=False)
     with pytest.raises(HiercompError, match="at least 2 tokens"):
         sampled_windows(teacher, CALIB[:, :1], 4, seed=0)
+
+
+def test_a_bad_tuning_config_fails_before_any_quantizing(monkeypatch):
+    import hiercomp.api
+
+    def quantize(*args, **kwargs):
+        pytest.fail("quantized before checking the tuning config")
+
+    monkeypatch.setattr(hiercomp.api, "compress_model", quantize)
+    for config, match in ((TuneConfig(steps=0), "at least 1 step"), (TuneConfig(lr=0.0), "must be positive"),
+                          (TuneConfig(generated=-1), "0 or more")):
+        with pytest.raises(HiercompError, match=match):
+            hiercomp.compress(tiny_llama(), Recipe.single("rtn", bits=4), CALIB, progress=False, recovery=config)
+    with pytest.raises(HiercompError, match="pass --calib"):
+        hiercomp.compress(tiny_llama(), Recipe.single("rtn", bits=4), None, progress=False,
+                          recovery=TuneConfig(steps=2))
+    torch.manual_seed(0)
+    encoder = LoadedModel(BertModel(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                               num_attention_heads=4, vocab_size=128)), None, True, "bert")
+    with pytest.raises(HiercompError, match="encoder: drop --tune-generated"):
+        hiercomp.compress(encoder, Recipe.single("rtn", bits=4), CALIB, progress=False,
+                          recovery=TuneConfig(steps=2, generated=4))
 
 
 def assert_same_tuned_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
